@@ -1,0 +1,23 @@
+"""~150M speech-text LM (12 layers, d 768) with the full 16,384-token speech vocabulary.
+
+  sptlm train --config configs/lm_150m.py --workdir gs://BUCKET/runs/lm_150m
+"""
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import _common  # noqa: E402
+
+
+def get_config():
+  c = _common.base(
+      model=dict(num_layers=12, d_model=768, num_heads=12, num_kv_heads=4, head_dim=64,
+                 d_ff=2048, tie_embeddings=True),
+      data=dict(seq_len=2048, global_batch_size=256, packing_bins=512),
+      steps=20_000,
+  )
+  c.name = "lm_150m"
+  c.train.learning_rate = 6e-4
+  c.train.min_learning_rate = 6e-5
+  return c

@@ -1,0 +1,1 @@
+"""Data for sptlm: vocabulary layout, text input, and (later) interleaved speech-text tasks."""

@@ -1,0 +1,1 @@
+"""Pallas kernels for sptlm. Imports nothing from `sptlm`: kernels stand on their own."""

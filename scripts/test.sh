@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sets up (with the test extras) and runs the default test suite; pass pytest arguments through
+# (e.g. `bash scripts/test.sh -m slow` for the slow tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS=test bash scripts/setup.sh
+export JAX_PLATFORMS=cpu
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

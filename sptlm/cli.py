@@ -1,0 +1,109 @@
+"""`sptlm` command line: parses arguments and dispatches; the work lives in the packages."""
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from sptlm import paths
+
+DEFAULT_CONFIG = "configs/tiny.py"
+
+
+class UserError(Exception):
+  """A problem the user can fix; printed as one line, no traceback."""
+
+
+def _load_config(args: argparse.Namespace, overrides: Sequence[str]):
+  from sptlm import config as config_lib
+  try:
+    return config_lib.load(paths.resolve(args.config), list(overrides))
+  except config_lib.ConfigError as e:
+    raise UserError(str(e)) from None
+
+
+def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  cfg = _load_config(args, overrides)
+  from sptlm.train import trainer
+  workdir = args.workdir or os.path.join("runs", cfg.name)
+  try:
+    trainer.train(cfg, workdir)
+  except trainer.TrainingError as e:
+    raise UserError(str(e)) from None
+  return 0
+
+
+def cmd_compile(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  cfg = _load_config(args, overrides)
+  from sptlm import aot
+  report = aot.compile_for_topology(cfg, args.topology, per_device_batch=args.per_device_batch)
+  print(aot.format_report(report))
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="sptlm", description="Pre-train interleaved speech-text language models in JAX.")
+  parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+  p = sub.add_parser("train", help="train a model from a config",
+                     description="Trains; resumes by itself when --workdir holds a checkpoint. "
+                     "Override any config key with --config.KEY=VALUE.")
+  p.add_argument("--config", default=DEFAULT_CONFIG,
+                 help=f"get_config() file (default: {DEFAULT_CONFIG}, the tiny CPU experiment)")
+  p.add_argument("--workdir", help="run directory, local or gs:// (default: runs/<config name>)")
+  p.set_defaults(func=cmd_train)
+
+  p = sub.add_parser("compile", help="compile the train step ahead of time for a TPU topology",
+                     description="Compiles the train step for a TPU topology on any machine "
+                     "(needs libtpu: pip install 'sptlm[tpu-aot]') and prints memory per device "
+                     "and the step's analytic FLOPs.")
+  p.add_argument("--config", required=True, help="get_config() file")
+  p.add_argument("--topology", required=True, help="e.g. v5p-128, v5e-16, or v5p:4x4x4")
+  p.add_argument("--per-device-batch", type=int, default=None,
+                 help="sequences per device (default: data.global_batch_size / devices)")
+  p.set_defaults(func=cmd_compile)
+  return parser
+
+
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """`--config.a.b=1` (or `--config.a.b 1`) are overrides; everything else goes to argparse."""
+  rest, overrides = [], []
+  it = iter(argv)
+  for arg in it:
+    if arg.startswith("--config."):
+      if "=" not in arg:
+        value = next(it, None)
+        if value is None:
+          raise UserError(f"{arg} needs a value: {arg}=VALUE")
+        arg = f"{arg}={value}"
+      overrides.append(arg)
+    else:
+      rest.append(arg)
+  return rest, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = build_parser()
+  try:
+    rest, overrides = _split_overrides(argv)
+  except UserError as e:
+    parser.exit(2, f"sptlm: error: {e}\n")
+  args = parser.parse_args(rest)
+  logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                      format="%(levelname)s %(name)s: %(message)s")
+  for noisy in ("absl", "jax._src", "orbax", "grain"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  handler: Callable[..., int] = args.func
+  try:
+    return handler(args, overrides)
+  except (UserError, FileNotFoundError, ValueError) as e:
+    print(f"sptlm {args.command}: error: {e}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,287 @@
+"""Experiment configs: `get_config()` files, command-line overrides, frozen dataclasses.
+
+A config file returns an `ml_collections.ConfigDict`; the CLI applies `--config.KEY=VALUE`
+overrides and converts it once, here, into the frozen dataclasses below. Every key must be
+known and every value of the declared type, so a typo fails at start-up, not mid-run.
+"""
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import pathlib
+import types
+import typing
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config file or override that cannot be used; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder-only transformer shape and numerics (Llama family, with GLM-4 / Qwen2 options)."""
+
+  num_layers: int
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  d_ff: int
+  rope_theta: float
+  rope_fraction: float  # share of each head's dims that rotate (GLM-4: 0.5)
+  rope_style: str  # "rotate_half" (Llama, Qwen2) or "interleaved" (GLM-4)
+  qkv_bias: bool  # biases on q/k/v projections (Qwen2, GLM-4)
+  tie_embeddings: bool
+  norm_eps: float
+  attention: str  # "reference" (pure JAX) or "pallas" (fused kernel)
+  attention_chunk: int  # reference backend: query block size; 0 computes all at once
+  scan_layers: bool
+  remat: str  # a name in sptlm.model.transformer.REMAT_POLICIES
+  dtype: str  # compute dtype
+  param_dtype: str
+  init_std: float
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabConfig:
+  """Token id layout; see data_pipelines.vocabulary."""
+
+  text_size: int
+  speech_size: int
+  text_tokenizer: str  # SentencePiece model path (relative paths: from the sptlm checkout)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Text-corpus input until the interleaved pipeline lands."""
+
+  corpus: str
+  seq_len: int
+  global_batch_size: int
+  packing_bins: int  # first-fit packing considers this many open sequences at once
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimizer, schedule, logging and checkpointing of a run."""
+
+  steps: int
+  seed: int
+  learning_rate: float
+  min_learning_rate: float
+  warmup_steps: int
+  schedule: str  # "linear" or "cosine" decay to min_learning_rate
+  b1: float
+  b2: float
+  eps: float
+  weight_decay: float
+  clip_norm: float
+  microbatches: int  # gradient accumulation: the global batch is split into this many
+  log_every: int
+  checkpoint_every: int
+  keep_checkpoints: int
+  async_checkpoints: bool
+  init_from: str  # a checkpoint directory to start from ("" for random init)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh and the logical-to-mesh axis rules (one rule per logical name)."""
+
+  data: int
+  fsdp: int
+  tensor: int
+  rules: tuple[tuple[str, tuple[str, ...]], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """A whole experiment."""
+
+  name: str
+  model: ModelConfig
+  vocab: VocabConfig
+  data: DataConfig
+  train: TrainConfig
+  mesh: MeshConfig
+
+
+def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Imports a `get_config()` file; `path:arg` passes `arg` to it."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ConfigError(f"config file not found: {path}")
+  spec = importlib.util.spec_from_file_location(f"sptlm_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001 - any error in user code is a config error
+    raise ConfigError(f"config file {path} failed to import: {type(e).__name__}: {e}") from e
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path} has no get_config() function")
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def _parse_value(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # a bare string such as reference
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> None:
+  """Applies `--config.a.b=value` (or `a.b=value`) overrides in place, type-checked."""
+  for item in overrides:
+    item = item.removeprefix("--").removeprefix("config.")
+    if "=" not in item:
+      raise ConfigError(f"override {item!r} is not KEY=VALUE")
+    key, text = item.split("=", 1)
+    *parents, leaf = key.split(".")
+    node = cfg
+    for i, name in enumerate(parents):
+      if name not in node:
+        raise ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r}")
+      node = node[name]
+    if leaf not in node:
+      raise ConfigError(f"unknown config key {key!r}")
+    value = _parse_value(text)
+    old = node[leaf]
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    if isinstance(old, str) and not isinstance(value, str):
+      value = text
+    if old is not None and type(value) is not type(old) and not (
+        isinstance(old, (tuple, list)) and isinstance(value, (tuple, list))):
+      raise ConfigError(f"config key {key!r} wants {type(old).__name__}, got {text!r}")
+    node[leaf] = value
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+  """Checks `value` against the annotation `tp` and converts it (dicts to dataclasses)."""
+  if dataclasses.is_dataclass(tp):
+    if not isinstance(value, (dict, ml_collections.ConfigDict)):
+      raise ConfigError(f"config key {key!r} must be a section, got {type(value).__name__}")
+    value = dict(value.items())
+    fields = {f.name: f for f in dataclasses.fields(tp)}
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+      raise ConfigError(f"unknown config key {key + '.' if key else ''}{unknown[0]!r}"
+                        f" (known: {', '.join(fields)})")
+    missing = sorted(set(fields) - set(value))
+    if missing:
+      raise ConfigError(f"config key {key + '.' if key else ''}{missing[0]} is missing")
+    hints = typing.get_type_hints(tp)
+    return tp(**{n: _convert(value[n], hints[n], f"{key}.{n}" if key else n) for n in fields})
+  origin = typing.get_origin(tp)
+  if origin is tuple:
+    if isinstance(value, (dict, ml_collections.ConfigDict)):  # rules given as a mapping
+      value = list(value.items())
+    if not isinstance(value, (tuple, list)):
+      raise ConfigError(f"config key {key!r} must be a sequence, got {value!r}")
+    args = typing.get_args(tp)
+    if len(args) == 2 and args[1] is Ellipsis:
+      if args[0] is str and isinstance(value, str):
+        return (value,)
+      return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if len(value) != len(args):
+      raise ConfigError(f"config key {key!r} must have {len(args)} items, got {value!r}")
+    return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+  if origin in (typing.Union, types.UnionType):
+    if value is None and type(None) in typing.get_args(tp):
+      return None
+    tp = next(a for a in typing.get_args(tp) if a is not type(None))
+  if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if tp is tuple and value is None:
+    return ()
+  if tp is str and value is None:
+    return ""
+  if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+    raise ConfigError(f"config key {key!r} must be {tp.__name__}, got {value!r}")
+  return value
+
+
+def _normalize_rules(raw: Any) -> Any:
+  """Rules map a logical name to None, one mesh axis or a tuple of them."""
+  items = raw.items() if hasattr(raw, "items") else raw
+  out = []
+  for name, axes in items:
+    if axes is None:
+      axes = ()
+    elif isinstance(axes, str):
+      axes = (axes,)
+    out.append((name, tuple(axes)))
+  return out
+
+
+def from_config_dict(cfg: ml_collections.ConfigDict) -> Config:
+  """Validates a ConfigDict and freezes it into a `Config`."""
+  raw = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
+  if "mesh" in raw and isinstance(raw["mesh"], dict) and "rules" in raw["mesh"]:
+    raw["mesh"] = dict(raw["mesh"], rules=_normalize_rules(raw["mesh"]["rules"]))
+  config = _convert(raw, Config, "")
+  validate(config)
+  return config
+
+
+def validate(c: Config) -> None:
+  """Cross-field checks that the types alone cannot express."""
+  m, t, d = c.model, c.train, c.data
+  if m.num_heads % m.num_kv_heads:
+    raise ConfigError(f"model.num_heads={m.num_heads} must be a multiple of "
+                      f"model.num_kv_heads={m.num_kv_heads}")
+  if m.rope_style not in ("rotate_half", "interleaved"):
+    raise ConfigError(f"model.rope_style={m.rope_style!r}: use 'rotate_half' or 'interleaved'")
+  if not 0.0 < m.rope_fraction <= 1.0 or int(m.head_dim * m.rope_fraction) % 2:
+    raise ConfigError(f"model.rope_fraction={m.rope_fraction} must give an even number of "
+                      f"rotary dims of head_dim={m.head_dim}")
+  if m.attention not in ("reference", "pallas"):
+    raise ConfigError(f"model.attention={m.attention!r}: use 'reference' or 'pallas'")
+  for key in ("dtype", "param_dtype"):
+    if getattr(m, key) not in ("float32", "bfloat16", "float16"):
+      raise ConfigError(f"model.{key}={getattr(m, key)!r}: use float32, bfloat16 or float16")
+  if t.schedule not in ("linear", "cosine"):
+    raise ConfigError(f"train.schedule={t.schedule!r}: use 'linear' or 'cosine'")
+  for key in ("steps", "log_every", "checkpoint_every", "microbatches"):
+    if getattr(t, key) < 1:
+      raise ConfigError(f"train.{key}={getattr(t, key)} must be at least 1")
+  if t.keep_checkpoints < 2:
+    raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints} must be at least 2 so a "
+                      "corrupt latest checkpoint can fall back to the one before")
+  if t.warmup_steps >= t.steps:
+    raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be below train.steps={t.steps}")
+  if d.global_batch_size % t.microbatches:
+    raise ConfigError(f"data.global_batch_size={d.global_batch_size} must be divisible by "
+                      f"train.microbatches={t.microbatches}")
+  names = [n for n, _ in c.mesh.rules]
+  dup = {n for n in names if names.count(n) > 1}
+  if dup:
+    raise ConfigError(f"mesh.rules names {sorted(dup)[0]!r} twice: one rule per logical name")
+  for name, axes in c.mesh.rules:
+    for a in axes:
+      if a not in ("data", "fsdp", "tensor"):
+        raise ConfigError(f"mesh.rules[{name!r}] uses unknown mesh axis {a!r}")
+
+
+def load(path: str | pathlib.Path, overrides: list[str] = ()) -> Config:
+  """The one entry point: file + overrides -> frozen Config."""
+  spath = str(path)
+  arg = None
+  if ":" in spath and not pathlib.Path(spath).is_file():
+    spath, arg = spath.rsplit(":", 1)
+  cfg = load_config_file(spath, arg)
+  apply_overrides(cfg, list(overrides))
+  return from_config_dict(cfg)
+
+
+def to_json(c: Config) -> str:
+  """The resolved config as written to DIR/config.json."""
+  return json.dumps(dataclasses.asdict(c), indent=2)
+
+
+def from_json(text: str) -> Config:
+  return from_config_dict(ml_collections.ConfigDict(json.loads(text)))

@@ -1,0 +1,245 @@
+"""Decoder-only transformer in Flax NNX (Llama family; GLM-4 and Qwen2 options).
+
+Legend for the dimension letters in names:
+  B batch, L length, S key/cache length, D model, H query heads, K kv heads, G = H / K,
+  Dh head dim, F ffn, V vocab, N layers.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from sptlm import sharding
+from sptlm.config import ModelConfig
+from sptlm.model import attention, nnx_compat
+from sptlm.model.rotary import apply_rotary
+
+# Named rematerialization policies: what the backward pass may keep instead of recomputing.
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,  # no jax.checkpoint: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class KVCache(NamedTuple):
+  """Per-layer keys and values of earlier positions, for incremental decoding."""
+
+  k_NxBxSxKxDh: jax.Array
+  v_NxBxSxKxDh: jax.Array
+  segment_ids_BxS: jax.Array  # 0 marks an empty (or left-padding) slot
+  index: jax.Array  # scalar: the next slot to write
+
+
+def _normal(cfg: ModelConfig, std: float | None = None):
+  return jax.nn.initializers.normal(std or cfg.init_std)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.eps = cfg.norm_eps
+    self.scale = nnx.Param(nnx_compat.init(jax.nn.initializers.ones, ("act_embed",))(
+        rngs.params(), (dim,), DTYPES[cfg.param_dtype]))
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    x = x_BxLxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * self.scale.value.astype(jnp.float32)).astype(x_BxLxD.dtype)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, h, k, dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    pdt = DTYPES[cfg.param_dtype]
+
+    def param(shape, names, init=None):
+      init = init or _normal(cfg)
+      return nnx.Param(nnx_compat.init(init, names)(rngs.params(), shape, pdt))
+
+    self.q = param((d, h, dh), ("embed", "heads", "head_dim"))
+    self.k = param((d, k, dh), ("embed", "kv_heads", "head_dim"))
+    self.v = param((d, k, dh), ("embed", "kv_heads", "head_dim"))
+    self.o = param((h, dh, d), ("heads", "head_dim", "embed"))
+    if cfg.qkv_bias:
+      zeros = jax.nn.initializers.zeros
+      self.q_bias = param((h, dh), ("heads", "head_dim"), zeros)
+      self.k_bias = param((k, dh), ("kv_heads", "head_dim"), zeros)
+      self.v_bias = param((k, dh), ("kv_heads", "head_dim"), zeros)
+
+  def project(self, x_BxLxD: jax.Array, positions_BxL: jax.Array):
+    """q, k, v with biases and rotary applied."""
+    cfg, dt = self.cfg, x_BxLxD.dtype
+    q_BxLxHxDh = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.q.value.astype(dt))
+    k_BxLxKxDh = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.k.value.astype(dt))
+    v_BxLxKxDh = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.v.value.astype(dt))
+    if cfg.qkv_bias:
+      q_BxLxHxDh += self.q_bias.value.astype(dt)
+      k_BxLxKxDh += self.k_bias.value.astype(dt)
+      v_BxLxKxDh += self.v_bias.value.astype(dt)
+    rope = dict(theta=cfg.rope_theta, fraction=cfg.rope_fraction, style=cfg.rope_style)
+    q_BxLxHxDh = apply_rotary(q_BxLxHxDh, positions_BxL, **rope)
+    k_BxLxKxDh = apply_rotary(k_BxLxKxDh, positions_BxL, **rope)
+    q_BxLxHxDh = sharding.constrain(q_BxLxHxDh, ("batch", "length", "heads", "head_dim"))
+    return q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh
+
+  def output(self, out_BxLxHxDh: jax.Array) -> jax.Array:
+    out_BxLxHxDh = checkpoint_name(out_BxLxHxDh, "attention_out")
+    return jnp.einsum("blhk,hkd->bld", out_BxLxHxDh, self.o.value.astype(out_BxLxHxDh.dtype))
+
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
+               segment_ids_BxL: jax.Array) -> jax.Array:
+    q, k, v = self.project(x_BxLxD, positions_BxL)
+    backend = attention.get_backend(self.cfg.attention)
+    kwargs = {"chunk": self.cfg.attention_chunk} if self.cfg.attention == "reference" else {}
+    return self.output(backend(q, k, v, segment_ids_BxL, **kwargs))
+
+
+class Mlp(nnx.Module):
+  """SwiGLU feed-forward."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    pdt, init = DTYPES[cfg.param_dtype], _normal(cfg)
+    d, f = cfg.d_model, cfg.d_ff
+    self.gate = nnx.Param(nnx_compat.init(init, ("embed", "mlp"))(rngs.params(), (d, f), pdt))
+    self.up = nnx.Param(nnx_compat.init(init, ("embed", "mlp"))(rngs.params(), (d, f), pdt))
+    self.down = nnx.Param(nnx_compat.init(init, ("mlp", "embed"))(rngs.params(), (f, d), pdt))
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    dt = x_BxLxD.dtype
+    gate_BxLxF = x_BxLxD @ self.gate.value.astype(dt)
+    up_BxLxF = x_BxLxD @ self.up.value.astype(dt)
+    h_BxLxF = sharding.constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
+    return h_BxLxF @ self.down.value.astype(dt)
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, cfg, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg, rngs=rngs)
+    self.mlp = Mlp(cfg, rngs=rngs)
+
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
+               segment_ids_BxL: jax.Array) -> jax.Array:
+    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
+    x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+    return sharding.constrain(x_BxLxD, ("batch", "length", "act_embed"))
+
+  def decode(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
+             k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Array, cache_seg_BxS: jax.Array,
+             index: jax.Array):
+    """Like __call__, attending over the cache after writing this step's k/v at `index`."""
+    q, k, v = self.attn.project(self.attn_norm(x_BxLxD), positions_BxL)
+    k_BxSxKxDh = jax.lax.dynamic_update_slice_in_dim(k_BxSxKxDh, k.astype(k_BxSxKxDh.dtype),
+                                                     index, axis=1)
+    v_BxSxKxDh = jax.lax.dynamic_update_slice_in_dim(v_BxSxKxDh, v.astype(v_BxSxKxDh.dtype),
+                                                     index, axis=1)
+    b, l = segment_ids_BxL.shape
+    s = k_BxSxKxDh.shape[1]
+    q_idx_BxL = jnp.broadcast_to(index + jnp.arange(l), (b, l))
+    kv_idx_BxS = jnp.broadcast_to(jnp.arange(s), (b, s))
+    mask = attention.segment_mask(segment_ids_BxL, cache_seg_BxS, q_idx_BxL, kv_idx_BxS)
+    mask &= (cache_seg_BxS != 0)[:, None, :]
+    out = attention.masked_attention(q, k_BxSxKxDh.astype(q.dtype), v_BxSxKxDh.astype(q.dtype),
+                                     mask)
+    x_BxLxD = x_BxLxD + self.attn.output(out)
+    x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+    return x_BxLxD, k_BxSxKxDh, v_BxSxKxDh
+
+
+class Transformer(nnx.Module):
+  """Token ids -> next-token logits, with packed-sequence positions and segment ids."""
+
+  def __init__(self, cfg: ModelConfig, vocab_size: int, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.vocab_size = vocab_size
+    pdt = DTYPES[cfg.param_dtype]
+    self.embed = nnx.Param(nnx_compat.init(_normal(cfg), ("vocab", "embed"))(
+        rngs.params(), (vocab_size, cfg.d_model), pdt))
+    self.layers = nnx_compat.stacked(lambda r: Block(cfg, rngs=r), cfg.num_layers, rngs)
+    self.final_norm = RMSNorm(cfg.d_model, cfg, rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = nnx.Param(nnx_compat.init(_normal(cfg), ("embed", "vocab"))(
+          rngs.params(), (cfg.d_model, vocab_size), pdt))
+
+  def embed_tokens(self, tokens_BxL: jax.Array) -> jax.Array:
+    dt = DTYPES[self.cfg.dtype]
+    x_BxLxD = jnp.take(self.embed.value, tokens_BxL, axis=0).astype(dt)
+    return sharding.constrain(x_BxLxD, ("batch", "length", "act_embed"))
+
+  def logits(self, x_BxLxD: jax.Array) -> jax.Array:
+    x_BxLxD = self.final_norm(x_BxLxD)
+    if self.cfg.tie_embeddings:
+      w_DxV = self.embed.value.T
+    else:
+      w_DxV = self.lm_head.value
+    logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, w_DxV.astype(x_BxLxD.dtype),
+                              preferred_element_type=jnp.float32)
+    return sharding.constrain(logits_BxLxV, ("batch", "length", "vocab"))
+
+  def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+               segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+    b, l = tokens_BxL.shape
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(l), (b, l))
+    if segment_ids_BxL is None:
+      segment_ids_BxL = jnp.ones((b, l), jnp.int32)
+    x_BxLxD = self.embed_tokens(tokens_BxL)
+    graphdef, state = nnx.split(self.layers)
+
+    def layer(x: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, None]:
+      return nnx.merge(graphdef, layer_state)(x, positions_BxL, segment_ids_BxL), None
+
+    policy = REMAT_POLICIES[self.cfg.remat]
+    if self.cfg.remat != "none":
+      layer = jax.checkpoint(layer, policy=policy, prevent_cse=not self.cfg.scan_layers)
+    if self.cfg.scan_layers:
+      x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, state)
+    else:
+      for i in range(self.cfg.num_layers):
+        x_BxLxD, _ = layer(x_BxLxD, jax.tree.map(lambda a, i=i: a[i], state))
+    return self.logits(x_BxLxD)
+
+  def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+    cfg = self.cfg
+    dtype = dtype or DTYPES[cfg.dtype]
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+  def decode(self, tokens_BxL: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
+             cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Runs L new tokens (a prompt, or one token) against the cache; returns logits, cache."""
+    l = tokens_BxL.shape[1]
+    cache_seg_BxS = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids_BxS,
+                                                        segment_ids_BxL, cache.index, axis=1)
+    x_BxLxD = self.embed_tokens(tokens_BxL)
+    graphdef, state = nnx.split(self.layers)
+
+    def layer(x, xs):
+      layer_state, k, v = xs
+      x, k, v = nnx.merge(graphdef, layer_state).decode(
+          x, positions_BxL, segment_ids_BxL, k, v, cache_seg_BxS, cache.index)
+      return x, (k, v)
+
+    x_BxLxD, (k, v) = jax.lax.scan(layer, x_BxLxD,
+                                   (state, cache.k_NxBxSxKxDh, cache.v_NxBxSxKxDh))
+    return self.logits(x_BxLxD), KVCache(k, v, cache_seg_BxS, cache.index + l)
+
+
+def build(cfg: ModelConfig, vocab_size: int, seed: int) -> Transformer:
+  return Transformer(cfg, vocab_size, rngs=nnx.Rngs(params=seed))
+
+
+def count_params(state: nnx.State) -> int:
+  return sum(x.size for x in jax.tree.leaves(state))

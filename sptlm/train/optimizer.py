@@ -1,0 +1,36 @@
+"""AdamW with warmup, linear or cosine decay to a floor, and global-norm clipping."""
+
+import jax
+import optax
+
+from sptlm.config import TrainConfig
+
+
+def schedule(cfg: TrainConfig) -> optax.Schedule:
+  """Linear warmup to the peak, then decay to min_learning_rate at the last step."""
+  decay_steps = cfg.steps - cfg.warmup_steps
+  if cfg.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps,
+                                        alpha=cfg.min_learning_rate / cfg.learning_rate)
+  else:
+    decay = optax.linear_schedule(cfg.learning_rate, cfg.min_learning_rate, decay_steps)
+  warmup = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+  return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+
+
+def _decay_mask(params):
+  """Weight decay on weight matrices only: norm scales and biases stay undecayed."""
+
+  def decayed(path, _) -> bool:
+    name = str(getattr(path[-1], "key", path[-1]))
+    return not (name == "scale" or name.endswith("bias"))
+
+  return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def make(cfg: TrainConfig) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.clip_norm),
+      optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                  weight_decay=cfg.weight_decay, mask=_decay_mask),
+  )

@@ -1,0 +1,46 @@
+"""Shared test setup: 8 host CPU devices for mesh tests, and the config files as fixtures.
+
+The environment is set at import, before anything imports jax, so even a TPU host runs the
+default suite on CPU (set JAX_PLATFORMS yourself to override).
+"""
+
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
+if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_FLAG}".strip()
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # plain `pytest` from anywhere finds sptlm
+  sys.path.insert(0, str(REPO_ROOT))
+
+import pytest  # noqa: E402
+
+from sptlm import config  # noqa: E402
+
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+def config_files() -> list[pathlib.Path]:
+  """Every experiment config (files starting with `_` are shared pieces, not configs)."""
+  return sorted(p for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+  """A test that takes `config_path` runs once per config file."""
+  if "config_path" in metafunc.fixturenames:
+    paths = config_files()
+    metafunc.parametrize("config_path", paths, ids=[p.stem for p in paths])
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> pathlib.Path:
+  return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> config.Config:
+  return config.load(CONFIG_DIR / "tiny.py")
