@@ -14,7 +14,7 @@ def get_config():
   c = _common.base(
       model=dict(num_layers=16, d_model=2048, num_heads=16, num_kv_heads=8, head_dim=128,
                  d_ff=5632, rope_theta=500_000.0),
-      data=dict(seq_len=8192, global_batch_size=256, packing_bins=512),
+      data=dict(seq_len=8192, global_batch_size=256, packing_bins=256, num_shards=64),
       steps=50_000,
   )
   c.name = "lm_1b"

@@ -14,7 +14,7 @@ def get_config():
   c = _common.base(
       model=dict(num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, head_dim=32,
                  d_ff=384, dtype="float32", remat="none"),
-      data=dict(seq_len=128, global_batch_size=16, packing_bins=64),
+      data=dict(seq_len=128, global_batch_size=16, packing_bins=32, num_shards=2),
       steps=300,
   )
   c.name = "tiny"

@@ -7,6 +7,7 @@ same batch fields. A batch is a dict of [B, L] numpy arrays:
 """
 
 import dataclasses
+import json
 import pathlib
 
 import grain
@@ -74,33 +75,74 @@ def _to_batch_fields(ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   }
 
 
-def make_dataset(examples: list[dict[str, np.ndarray]], *, seq_len: int, local_batch: int,
-                 packing_bins: int, seed: int, process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
-  """Shuffled (reshuffled each epoch), first-fit packed, batched; this host's share only."""
-  if len(examples) < process_count:
-    raise ValueError(f"{len(examples)} examples cannot feed {process_count} hosts")
-  ds = grain.MapDataset.source(examples)[process_index::process_count]
-  ds = ds.shuffle(seed=seed).repeat(None).to_iter_dataset()
+def make_dataset(examples: list[dict[str, np.ndarray]], *, seq_len: int, batch: int,
+                 packing_bins: int, seed: int) -> grain.IterDataset:
+  """Shuffled (reshuffled each epoch), first-fit packed, batched."""
+  ds = grain.MapDataset.source(examples).shuffle(seed=seed).repeat(None).to_iter_dataset()
   ds = grain.experimental.FirstFitPackIterDataset(
       ds, length_struct={k: seq_len for k in FIELDS},
-      num_packing_bins=max(packing_bins, local_batch), seed=seed, shuffle_bins=True)
-  return ds.map(_to_batch_fields).batch(local_batch, drop_remainder=True)
+      num_packing_bins=max(packing_bins, batch), seed=seed, shuffle_bins=True)
+  return ds.map(_to_batch_fields).batch(batch, drop_remainder=True)
 
 
-def corpus_dataset(corpus: pathlib.Path, tokenizer: pathlib.Path, *, text_size: int,
-                   seq_len: int, local_batch: int, packing_bins: int, seed: int,
-                   process_index: int = 0,
-                   process_count: int = 1) -> tuple[grain.IterDataset, CorpusStats]:
-  """The whole text input: a corpus file to an infinite iterator of packed batches."""
+class ShardedBatches:
+  """This host's rows of each global batch, from the data shards it owns.
+
+  The corpus is split into `num_shards` independent packed streams; global batch rows
+  [s * B/S, (s+1) * B/S) come from shard s, and host p owns a contiguous range of shards. So the
+  global batch is the same for any number of hosts (that divides the shard count), each host
+  reads only its shards, and the iterator state (saved per host in the checkpoint) is exact.
+  """
+
+  def __init__(self, shards: dict[int, grain.IterDataset]):
+    self.shard_ids = sorted(shards)
+    self.iters = [iter(shards[s]) for s in self.shard_ids]
+
+  def __iter__(self) -> "ShardedBatches":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(it) for it in self.iters]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> bytes:
+    return json.dumps({str(s): it.get_state() for s, it in zip(self.shard_ids, self.iters)}
+                      ).encode()
+
+  def set_state(self, state: bytes) -> None:
+    saved = json.loads(state)
+    if sorted(saved) != sorted(str(s) for s in self.shard_ids):
+      raise ValueError(f"checkpointed data shards {sorted(saved)} differ from this host's "
+                       f"{self.shard_ids}; resume with the same data.num_shards and hosts")
+    for s, it in zip(self.shard_ids, self.iters):
+      it.set_state(saved[str(s)])
+
+  def start_prefetch(self) -> None:
+    """Called by grain's checkpoint handler after a restore; nothing to start here."""
+
+
+def corpus_batches(corpus: pathlib.Path, tokenizer: pathlib.Path, *, text_size: int,
+                   seq_len: int, global_batch: int, num_shards: int, packing_bins: int,
+                   seed: int, process_index: int = 0,
+                   process_count: int = 1) -> tuple[ShardedBatches, CorpusStats]:
+  """The whole text input: a corpus file to this host's rows of each global batch."""
+  if num_shards % process_count or global_batch % num_shards:
+    raise ValueError(f"data.num_shards={num_shards} must be a multiple of the {process_count} "
+                     f"processes and divide data.global_batch_size={global_batch}")
   docs, skipped = read_documents(corpus)
   if not docs:
     raise ValueError(f"corpus {corpus} has no non-empty documents")
   sp = load_tokenizer(tokenizer, text_size)
   examples = make_examples(docs, sp, seq_len)
+  if len(examples) < num_shards:
+    raise ValueError(f"corpus {corpus} gives {len(examples)} examples, fewer than "
+                     f"data.num_shards={num_shards}")
   stats = CorpusStats(documents=len(docs), skipped_empty=skipped, examples=len(examples),
                       tokens=int(sum(len(e["inputs"]) for e in examples)))
-  ds = make_dataset(examples, seq_len=seq_len, local_batch=local_batch,
-                    packing_bins=packing_bins, seed=seed, process_index=process_index,
-                    process_count=process_count)
-  return ds, stats
+  per_host = num_shards // process_count
+  owned = range(process_index * per_host, (process_index + 1) * per_host)
+  shards = {s: make_dataset(examples[s::num_shards], seq_len=seq_len,
+                            batch=global_batch // num_shards, packing_bins=packing_bins,
+                            seed=seed * 1_000_003 + s)
+            for s in owned}
+  return ShardedBatches(shards), stats

@@ -25,6 +25,8 @@ def _load_config(args: argparse.Namespace, overrides: Sequence[str]):
 
 def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   cfg = _load_config(args, overrides)
+  from sptlm import distributed
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   from sptlm.train import trainer
   workdir = args.workdir or os.path.join("runs", cfg.name)
   try:
@@ -54,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--config", default=DEFAULT_CONFIG,
                  help=f"get_config() file (default: {DEFAULT_CONFIG}, the tiny CPU experiment)")
   p.add_argument("--workdir", help="run directory, local or gs:// (default: runs/<config name>)")
+  g = p.add_argument_group("multi-process", "Cloud TPU pods and GKE are detected by themselves; "
+                           "elsewhere name the coordinator (or set SPTLM_COORDINATOR, "
+                           "SPTLM_NUM_PROCESSES, SPTLM_PROCESS_ID)")
+  g.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator service")
+  g.add_argument("--num-processes", type=int, help="processes in the job")
+  g.add_argument("--process-id", type=int, help="this process's index, 0-based")
   p.set_defaults(func=cmd_train)
 
   p = sub.add_parser("compile", help="compile the train step ahead of time for a TPU topology",

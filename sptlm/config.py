@@ -39,6 +39,8 @@ class ModelConfig:
   norm_eps: float
   attention: str  # "reference" (pure JAX) or "pallas" (fused kernel)
   attention_chunk: int  # reference backend: query block size; 0 computes all at once
+  attention_block_q: int  # pallas backend: query rows per kernel block (multiple of 128)
+  attention_block_kv: int  # pallas backend: keys per kernel block (multiple of 128)
   scan_layers: bool
   remat: str  # a name in sptlm.model.transformer.REMAT_POLICIES
   dtype: str  # compute dtype
@@ -62,7 +64,8 @@ class DataConfig:
   corpus: str
   seq_len: int
   global_batch_size: int
-  packing_bins: int  # first-fit packing considers this many open sequences at once
+  packing_bins: int  # first-fit packing considers this many open sequences at once (per shard)
+  num_shards: int  # independent data streams; hosts own contiguous shards (see text_input)
 
 
 @dataclasses.dataclass(frozen=True)

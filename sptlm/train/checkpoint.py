@@ -17,7 +17,12 @@ log = logging.getLogger(__name__)
 
 
 class Checkpointer:
-  """One run's checkpoint directory (local path or gs://)."""
+  """One run's checkpoint directory (local path or gs://).
+
+  The data iterator is anything grain's checkpoint handler takes: a grain DatasetIterator, or
+  an object with get_state() -> bytes, set_state(bytes) and start_prefetch(); each process
+  writes its own iterator state.
+  """
 
   def __init__(self, workdir: str, *, keep: int, async_save: bool):
     self.workdir = epath.Path(workdir)
@@ -28,7 +33,7 @@ class Checkpointer:
                                              enable_async_checkpointing=async_save,
                                              create=True))
 
-  def save(self, step: int, state: Any, data_iter: grain.DatasetIterator, config_json: str) -> None:
+  def save(self, step: int, state: Any, data_iter: Any, config_json: str) -> None:
     import json
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
@@ -39,7 +44,7 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def restore(self, abstract_state: Any,
-              data_iter: grain.DatasetIterator | None) -> tuple[int, Any] | None:
+              data_iter: Any | None) -> tuple[int, Any] | None:
     """(step, state) of the newest checkpoint that restores; `data_iter` is set in place."""
     for step in sorted(self.manager.all_steps(), reverse=True):
       items = {"state": ocp.args.StandardRestore(abstract_state)}

@@ -105,16 +105,12 @@ def train(cfg: Config, workdir: str) -> dict[str, Any]:
                              "tensor": cfg.mesh.tensor})
 
   # ---- Input -------------------------------------------------------------------------------
-  if dcfg.global_batch_size % jax.process_count():
-    raise TrainingError(f"data.global_batch_size={dcfg.global_batch_size} must divide by the "
-                        f"{jax.process_count()} processes")
-  dataset, stats = text_input.corpus_dataset(
+  data_iter, stats = text_input.corpus_batches(
       paths.resolve(dcfg.corpus), paths.resolve(cfg.vocab.text_tokenizer),
       text_size=cfg.vocab.text_size, seq_len=dcfg.seq_len,
-      local_batch=dcfg.global_batch_size // jax.process_count(),
+      global_batch=dcfg.global_batch_size, num_shards=dcfg.num_shards,
       packing_bins=dcfg.packing_bins, seed=tcfg.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
-  data_iter = iter(dataset)
 
   # ---- Program: model, optimizer, shardings, step ------------------------------------------
   program = program_lib.build(cfg, mesh)

@@ -1,0 +1,80 @@
+"""Two local processes (jax.distributed over gloo, 4 CPU devices each) train like one with 8."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ARGS = ["train", "--config", str(ROOT / "configs" / "tiny.py"), "--config.model.num_layers=2",
+        "--config.data.seq_len=64", "--config.data.global_batch_size=8",
+        "--config.data.num_shards=2", "--config.train.log_every=1",
+        "--config.train.warmup_steps=2", "--config.mesh.data=-1"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start(args: list[str], devices: int, log: pathlib.Path) -> subprocess.Popen:
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return subprocess.Popen([sys.executable, "-m", "sptlm.cli", *args], cwd=ROOT, env=env,
+                          stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def _job(args: list[str], workdir: pathlib.Path) -> list[subprocess.Popen]:
+  port = _free_port()
+  return [_start([*args, "--workdir", str(workdir), "--coordinator", f"127.0.0.1:{port}",
+                  "--num-processes", "2", "--process-id", str(i)], 4,
+                 workdir.parent / f"{workdir.name}.{i}.log") for i in range(2)]
+
+
+def _wait(procs: list[subprocess.Popen], logs: list[pathlib.Path]) -> None:
+  for p, log in zip(procs, logs):
+    assert p.wait(timeout=600) == 0, log.read_text()[-3000:]
+
+
+def _losses(workdir: pathlib.Path) -> list[tuple[int, float]]:
+  rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [(r["step"], r["loss"]) for r in rows]
+
+
+def test_two_processes_match_one_and_resume_after_a_kill(tmp_path):
+  single = tmp_path / "single"
+  proc = _start([*ARGS, "--workdir", str(single), "--config.train.steps=8"], 8,
+                tmp_path / "single.log")
+  _wait([proc], [tmp_path / "single.log"])
+  want = _losses(single)
+  assert len(want) == 8
+
+  multi = tmp_path / "multi"
+  args = [*ARGS, "--config.train.steps=8", "--config.train.checkpoint_every=4"]
+  procs = _job(args, multi)
+  logs = [tmp_path / f"multi.{i}.log" for i in range(2)]
+  # Let it pass the checkpoint at step 4, then kill one worker hard (a lost VM).
+  deadline = time.time() + 400
+  while time.time() < deadline and not (multi / "checkpoints" / "4" / "_CHECKPOINT_METADATA").exists():
+    time.sleep(0.2)
+  assert (multi / "checkpoints" / "4").is_dir(), logs[0].read_text()[-3000:]
+  procs[1].send_signal(signal.SIGKILL)
+  procs[1].wait()
+  procs[0].send_signal(signal.SIGKILL)  # the job runner tears down the rest of the slice
+  procs[0].wait()
+  assert not (multi / "checkpoints" / "8").exists()
+
+  procs = _job(args, multi)  # the same command on every worker resumes the job
+  _wait(procs, logs)
+  assert "resuming from checkpoint" in logs[0].read_text()
+  got = _losses(multi)
+  assert [s for s, _ in got] == list(range(1, 9))
+  for (_, a), (_, b) in zip(got, want):
+    assert abs(a - b) <= 2e-6 * abs(b), (got, want)
+  assert sorted(p.name for p in (multi / "checkpoints" / "8" / "data").iterdir()
+                if p.suffix == ".json") == ["process_0-of-2.json", "process_1-of-2.json"]
