@@ -13,7 +13,7 @@ import _common  # noqa: E402
 def get_config():
   c = _common.base(
       model=dict(num_layers=12, d_model=768, num_heads=12, num_kv_heads=4, head_dim=64,
-                 d_ff=2048, tie_embeddings=True),
+                 d_ff=2048),
       data=dict(seq_len=2048, global_batch_size=256, packing_bins=256, num_shards=16),
       steps=20_000,
   )

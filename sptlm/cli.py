@@ -47,7 +47,8 @@ def cmd_compile(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="sptlm", description="Pre-train interleaved speech-text language models in JAX.")
-  parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+  parser.add_argument("-v", "--verbose", action="store_true",
+                      help="debug logging, and full tracebacks for errors")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
   p = sub.add_parser("train", help="train a model from a config",
@@ -109,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     return handler(args, overrides)
   except (UserError, FileNotFoundError, ValueError) as e:
+    if args.verbose:
+      raise
     print(f"sptlm {args.command}: error: {e}", file=sys.stderr)
     return 1
 

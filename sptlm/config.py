@@ -76,7 +76,7 @@ class TrainConfig:
   seed: int
   learning_rate: float
   min_learning_rate: float
-  warmup_steps: int
+  warmup_steps: int  # linear warmup; capped at steps - 1 so a short run still decays
   schedule: str  # "linear" or "cosine" decay to min_learning_rate
   b1: float
   b2: float
@@ -152,6 +152,12 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> Non
     if leaf not in node:
       raise ConfigError(f"unknown config key {key!r}")
     value = _parse_value(text)
+    if parents == ["mesh", "rules"]:  # None, one mesh axis, or a tuple of them
+      if not (value is None or isinstance(value, (tuple, list))):
+        value = text
+      del node[leaf]  # ConfigDict refuses to change a field's type in place
+      node[leaf] = value
+      continue
     old = node[leaf]
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
       value = float(value)
@@ -172,7 +178,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(tp)}
     unknown = sorted(set(value) - set(fields))
     if unknown:
-      raise ConfigError(f"unknown config key {key + '.' if key else ''}{unknown[0]!r}"
+      raise ConfigError(f"unknown config key {(key + '.' if key else '') + unknown[0]!r}"
                         f" (known: {', '.join(fields)})")
     missing = sorted(set(fields) - set(value))
     if missing:
@@ -255,8 +261,8 @@ def validate(c: Config) -> None:
   if t.keep_checkpoints < 2:
     raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints} must be at least 2 so a "
                       "corrupt latest checkpoint can fall back to the one before")
-  if t.warmup_steps >= t.steps:
-    raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be below train.steps={t.steps}")
+  if t.warmup_steps < 0:
+    raise ConfigError(f"train.warmup_steps={t.warmup_steps} must not be negative")
   if d.global_batch_size % t.microbatches:
     raise ConfigError(f"data.global_batch_size={d.global_batch_size} must be divisible by "
                       f"train.microbatches={t.microbatches}")

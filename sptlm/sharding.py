@@ -40,10 +40,17 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
 
 def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A (data, fsdp, tensor) mesh with explicitly declared (auto-sharded) axis types."""
+  from jax.experimental import mesh_utils
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(sizes, len(devices))
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices > 1:  # multislice: only the data axis crosses the slower network between slices
+    if shape[0] % slices:
+      raise ValueError(f"mesh.data={shape[0]} must be a multiple of the {slices} slices")
+    ici = (shape[0] // slices, *shape[1:])
+    grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
   try:
-    from jax.experimental import mesh_utils
     grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
   except (ValueError, NotImplementedError, AssertionError):
     grid = np.asarray(devices).reshape(shape)
@@ -69,7 +76,12 @@ def spec(names: Sequence[str | None], rules: Rules) -> P:
 
 @contextlib.contextmanager
 def logical_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
-  """Makes `mesh` and `rules` current for `constrain` (and for the attention backends)."""
+  """Makes `mesh` and `rules` current for `constrain` (and for the attention backends).
+
+  The rules are read while tracing, and jit's cache does not know them: enter this *inside*
+  the function that is jitted (as train.program does), never around a call to a jitted
+  function that was traced without it.
+  """
   prev = getattr(_current, "value", None)
   _current.value = (mesh, rules)
   try:

@@ -24,15 +24,27 @@ from sptlm import config  # noqa: E402
 CONFIG_DIR = REPO_ROOT / "configs"
 
 
-def config_files() -> list[pathlib.Path]:
-  """Every experiment config (files starting with `_` are shared pieces, not configs)."""
-  return sorted(p for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))
+def config_files(kind: str = "lm") -> list[pathlib.Path]:
+  """The config files of one kind: "lm" (no `kind` key) or their `kind`, e.g. "speech_tokenizer".
+
+  Files starting with `_` are shared pieces, not configs.
+  """
+  paths = sorted(p for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))
+  return [p for p in paths if _kind(p) == kind]
+
+
+def _kind(path: pathlib.Path) -> str:
+  """A config file's `kind` key ("lm" when it has none)."""
+  try:
+    return config.load_config_file(path).get("kind", "lm")
+  except config.ConfigError:
+    return "lm"  # a broken file: let the LM config tests report it
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-  """A test that takes `config_path` runs once per config file."""
+  """A test that takes `config_path` runs once per language-model config file."""
   if "config_path" in metafunc.fixturenames:
-    paths = config_files()
+    paths = config_files("lm")
     metafunc.parametrize("config_path", paths, ids=[p.stem for p in paths])
 
 

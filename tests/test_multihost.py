@@ -46,35 +46,55 @@ def _losses(workdir: pathlib.Path) -> list[tuple[int, float]]:
   return [(r["step"], r["loss"]) for r in rows]
 
 
-def test_two_processes_match_one_and_resume_after_a_kill(tmp_path):
+def _wait_for(path: pathlib.Path, log: pathlib.Path, timeout: float = 400) -> None:
+  deadline = time.time() + timeout
+  while time.time() < deadline and not path.exists():
+    time.sleep(0.2)
+  assert path.exists(), log.read_text()[-3000:]
+
+
+def _saved(workdir: pathlib.Path) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_two_processes_match_one_through_sigterm_and_kill(tmp_path):
+  steps = ["--config.train.steps=12", "--config.train.checkpoint_every=4"]
   single = tmp_path / "single"
-  proc = _start([*ARGS, "--workdir", str(single), "--config.train.steps=8"], 8,
-                tmp_path / "single.log")
+  proc = _start([*ARGS, *steps, "--workdir", str(single)], 8, tmp_path / "single.log")
   _wait([proc], [tmp_path / "single.log"])
   want = _losses(single)
-  assert len(want) == 8
+  assert len(want) == 12
 
   multi = tmp_path / "multi"
-  args = [*ARGS, "--config.train.steps=8", "--config.train.checkpoint_every=4"]
-  procs = _job(args, multi)
+  args = [*ARGS, *steps]
   logs = [tmp_path / f"multi.{i}.log" for i in range(2)]
-  # Let it pass the checkpoint at step 4, then kill one worker hard (a lost VM).
-  deadline = time.time() + 400
-  while time.time() < deadline and not (multi / "checkpoints" / "4" / "_CHECKPOINT_METADATA").exists():
-    time.sleep(0.2)
-  assert (multi / "checkpoints" / "4").is_dir(), logs[0].read_text()[-3000:]
+
+  # 1. SIGTERM reaches only worker 1: both agree on a step, checkpoint it and exit cleanly.
+  procs = _job(args, multi)
+  _wait_for(multi / "metrics.jsonl", logs[0])
+  procs[1].send_signal(signal.SIGTERM)
+  _wait(procs, logs)
+  stopped = _saved(multi)
+  assert stopped and stopped[-1] < 12, stopped
+  assert "received: saved a checkpoint" in logs[0].read_text()
+
+  # 2. Restarted, it resumes; past the next periodic checkpoint worker 1 dies (a lost VM), and
+  #    the job runner tears down the rest of the slice.
+  procs = _job(args, multi)
+  nxt = (stopped[-1] // 4 + 1) * 4
+  _wait_for(multi / "checkpoints" / str(nxt) / "_CHECKPOINT_METADATA", logs[0])
   procs[1].send_signal(signal.SIGKILL)
   procs[1].wait()
-  procs[0].send_signal(signal.SIGKILL)  # the job runner tears down the rest of the slice
+  procs[0].send_signal(signal.SIGKILL)
   procs[0].wait()
-  assert not (multi / "checkpoints" / "8").exists()
-
-  procs = _job(args, multi)  # the same command on every worker resumes the job
-  _wait(procs, logs)
   assert "resuming from checkpoint" in logs[0].read_text()
+
+  # 3. The same command on every worker resumes again and finishes.
+  procs = _job(args, multi)
+  _wait(procs, logs)
   got = _losses(multi)
-  assert [s for s, _ in got] == list(range(1, 9))
+  assert [s for s, _ in got] == list(range(1, 13))
   for (_, a), (_, b) in zip(got, want):
     assert abs(a - b) <= 2e-6 * abs(b), (got, want)
-  assert sorted(p.name for p in (multi / "checkpoints" / "8" / "data").iterdir()
+  assert sorted(p.name for p in (multi / "checkpoints" / "12" / "data").iterdir()
                 if p.suffix == ".json") == ["process_0-of-2.json", "process_1-of-2.json"]

@@ -8,14 +8,15 @@ from sptlm.config import TrainConfig
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:
   """Linear warmup to the peak, then decay to min_learning_rate at the last step."""
-  decay_steps = cfg.steps - cfg.warmup_steps
+  warmup_steps = min(cfg.warmup_steps, cfg.steps - 1)
+  decay_steps = cfg.steps - warmup_steps
   if cfg.schedule == "cosine":
     decay = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps,
                                         alpha=cfg.min_learning_rate / cfg.learning_rate)
   else:
     decay = optax.linear_schedule(cfg.learning_rate, cfg.min_learning_rate, decay_steps)
-  warmup = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
-  return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+  warmup = optax.linear_schedule(0.0, cfg.learning_rate, warmup_steps)
+  return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
 def _decay_mask(params):

@@ -35,14 +35,36 @@ class TrainingError(RuntimeError):
 
 
 class _StopSignal:
-  """Turns SIGTERM (a preempted TPU VM) and SIGINT into a flag the loop checks after each step."""
+  """Turns SIGTERM (a preempted TPU VM) and SIGINT into a stop that all processes agree on.
 
-  def __init__(self):
+  With several processes, a signal may reach them at different steps; each step's local flag
+  goes into a tiny asynchronous all-reduce, and every process reads the previous step's result
+  at the same point of the loop, so all of them stop (and checkpoint) at the same step.
+  """
+
+  def __init__(self, mesh: jax.sharding.Mesh):
     self.received: str | None = None
     self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    self._multi = jax.process_count() > 1
+    if self._multi:
+      devices = mesh.devices.flatten()
+      self._votes = jax.sharding.NamedSharding(
+          jax.sharding.Mesh(devices, ("all",)), jax.sharding.PartitionSpec("all"))
+      self._any = jax.jit(lambda v: v.max(), out_shardings=jax.sharding.NamedSharding(
+          jax.sharding.Mesh(devices, ("all",)), jax.sharding.PartitionSpec()))
+      self._pending = None
 
   def _handle(self, signum: int, _frame: Any) -> None:
     self.received = signal.Signals(signum).name
+
+  def agreed(self) -> bool:
+    """Whether to stop after this step; call exactly once per step on every process."""
+    if not self._multi:
+      return self.received is not None
+    local = np.full((jax.local_device_count(),), self.received is not None, np.int32)
+    vote = self._any(jax.make_array_from_process_local_data(self._votes, local))
+    previous, self._pending = self._pending, vote
+    return previous is not None and bool(jax.device_get(previous))
 
   def restore(self) -> None:
     for s, handler in self._old.items():
@@ -133,10 +155,10 @@ def train(cfg: Config, workdir: str) -> dict[str, Any]:
   tokens_per_step = dcfg.global_batch_size * dcfg.seq_len
   if is_main:
     print(_summary(cfg, program, stats, workdir, start_step, peak), flush=True)
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step if start_step else None)
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step)
 
   # ---- Loop --------------------------------------------------------------------------------
-  stop = _StopSignal()
+  stop = _StopSignal(mesh)
   bar = tqdm(total=tcfg.steps, initial=start_step, disable=not is_main, unit="step",
              dynamic_ncols=True)
   pending: tuple[int, Any] | None = None  # (step number, device metrics) not yet fetched
@@ -184,14 +206,15 @@ def train(cfg: Config, workdir: str) -> dict[str, Any]:
         pending = None
         window.update(t=time.perf_counter(), steps=0)
       bar.update(1)
-      if step % tcfg.checkpoint_every == 0 or step == tcfg.steps or stop.received:
+      stopping = stop.agreed()
+      if step % tcfg.checkpoint_every == 0 or step == tcfg.steps or stopping:
         if pending is not None:
           finish(*pending)
           pending = None
         save(step)
-      if stop.received:
-        tqdm.write(f"{stop.received} received: saved a checkpoint at step {step}; rerun the "
-                   "same command to resume")
+      if stopping:
+        tqdm.write(f"{stop.received or 'a stop signal (on another process)'} received: saved a checkpoint at step {step}; "
+                   "rerun the same command to resume")
         break
     if pending is not None:
       finish(*pending)
