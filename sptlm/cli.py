@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--per-device-batch", type=int, default=None,
                  help="sequences per device (default: data.global_batch_size / devices)")
   p.set_defaults(func=cmd_compile)
+
+  from sptlm.convert import cli as convert_cli
+  convert_cli.add_parser(sub)
   return parser
 
 

@@ -14,8 +14,15 @@ log = logging.getLogger(__name__)
 
 
 def _multihost_tpu() -> bool:
+  """GKE sets the worker list in the environment; TPU VMs keep it in instance metadata."""
   hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return "," in hosts or bool(os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
+  if "," in hosts or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return True
+  try:  # jax's own Cloud TPU VM detection (a private module: tolerate its absence)
+    from jax._src.clusters import cloud_tpu_cluster
+    return cloud_tpu_cluster.GceTpuCluster.is_env_present()
+  except Exception:  # noqa: BLE001 - not on a TPU VM, or jax moved the module
+    return False
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,

@@ -1,0 +1,145 @@
+"""`sptlm convert from-hf`: a Hugging Face text LM -> an sptlm checkpoint for `train.init_from`.
+
+Every tensor is copied exactly (a transpose and a reshape; bfloat16 widens to float32 without
+rounding). The model's math must match the config's (families.check_against names the first
+key that differs), and the text vocabulary must be vocab.text_size ids.
+
+The embedding (and an untied output matrix) grows from the text ids to the padded sptlm
+vocabulary: speech tokens, specials and padding rows. Each new row is drawn from
+N(mu, 1e-9 * Sigma), mu and Sigma the mean and covariance of that matrix's text rows in float64
+(Hewitt 2021, "Initializing New Word Embeddings for Pretrained Language Models"; transformers'
+`resize_token_embeddings(mean_resizing=True)` does the same). So every new row is the average
+text row plus a tiny, correlated, seeded perturbation (train.seed) that breaks their symmetry:
+a new token's logit starts at the average text logit, below the log-partition, so the text
+distribution moves by little until training teaches the new rows. If Sigma is singular the
+rows are exactly mu.
+"""
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from sptlm.config import Config
+from sptlm.convert import ConversionError, checkpoints, families, layout, lineage
+from sptlm.convert import safetensors_io
+from sptlm.train import program as program_lib
+
+NEW_ROWS = ("mean + N(0, 1e-9 * covariance) of the text rows, per matrix, float64 statistics, "
+            "seeded by train.seed (Hewitt 2021; transformers mean_resizing)")
+COVARIANCE_SCALE = 1e-9
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportReport:
+  out: str
+  architecture: str
+  source: str
+  text_size: int
+  vocab_size: int
+  tensors: int
+  checkpoint: str
+
+  def summary(self) -> str:
+    return "\n".join([
+        f"sptlm convert from-hf: {self.architecture} from {self.source}",
+        f"  vocabulary {self.text_size} text ids copied, {self.vocab_size - self.text_size} new "
+        f"rows (speech, specials, padding): {NEW_ROWS}",
+        f"  tensors    {self.tensors} copied exactly",
+        f"  checkpoint {self.checkpoint}",
+        f"  use it     sptlm train --config ... --config.train.init_from={self.out}",
+    ])
+
+
+def new_rows(text_rows: np.ndarray, count: int, rng: np.random.Generator,
+             block: int = 8192) -> np.ndarray:
+  """`count` rows from N(mean, 1e-9 * covariance) of `text_rows` [T, D] (float64 statistics)."""
+  t, d = text_rows.shape
+  mean = np.zeros(d, np.float64)
+  for start in range(0, t, block):
+    mean += text_rows[start:start + block].astype(np.float64).sum(axis=0)
+  mean /= t
+  cov = np.zeros((d, d), np.float64)
+  for start in range(0, t, block):
+    centered = text_rows[start:start + block].astype(np.float64) - mean
+    cov += centered.T @ centered
+  cov /= t
+  try:
+    chol = np.linalg.cholesky(COVARIANCE_SCALE * cov)
+  except np.linalg.LinAlgError:  # singular (e.g. fewer text rows than dims): the mean alone
+    return np.broadcast_to(mean, (count, d)).copy()
+  return mean + rng.standard_normal((count, d)) @ chol.T
+
+
+def _load_hf_config(hf_dir: pathlib.Path) -> Any:
+  from transformers import AutoConfig
+
+  if not (hf_dir / "config.json").is_file():
+    raise ConversionError(f"{hf_dir / 'config.json'} not found: --hf must be a Hugging Face "
+                          "model folder")
+  try:
+    return AutoConfig.from_pretrained(str(hf_dir), trust_remote_code=False)
+  except (ValueError, KeyError, OSError) as e:
+    raise ConversionError(f"{hf_dir / 'config.json'}: {str(e).splitlines()[0][:200]}") from None
+
+
+def import_(hf_dir: str, cfg: Config, out: str) -> ImportReport:
+  """Writes OUT/config.json, OUT/checkpoints/0 and OUT/hf_source/ (see lineage)."""
+  src = pathlib.Path(hf_dir)
+  hf = _load_hf_config(src)
+  fam, fields, text_size = families.from_hf_config(hf)
+  families.check_against(cfg.model, fields, str(src))
+  if cfg.vocab.text_size != text_size:
+    raise ConversionError(f"vocab.text_size={cfg.vocab.text_size} in the config but the Hugging "
+                          f"Face model {src} has {text_size} text ids (vocab_size); set "
+                          f"--config.vocab.text_size={text_size}")
+  vocab = program_lib.vocabulary(cfg)
+  reader = safetensors_io.Reader(src)
+  abstract = checkpoints.flatten(checkpoints.abstract_params(cfg))
+  params = {p: np.empty(s.shape, s.dtype) for p, s in abstract.items()}
+  consumed: set[str] = set()
+
+  def read(name: str) -> np.ndarray:
+    consumed.add(name)
+    return reader.read(name)
+
+  for group in layout.groups(fam, cfg.model):
+    targets = []
+    for path in group.leaves:
+      if path == layout.EMBED:
+        targets.append(params[path][:text_size])  # views: the text rows
+      elif path == layout.LM_HEAD:
+        targets.append(params[path][:, :text_size])
+      else:
+        targets.append(params[path])
+    try:
+      group.load(read, targets)
+    except ValueError as e:
+      raise ConversionError(f"{src}: {', '.join(group.hf_names[:1])}...: shape does not match "
+                            f"the config.json ({e})") from None
+  ignorable = {"lm_head.weight"} if cfg.model.tie_embeddings else set()
+  unused = [n for n in reader.names if n not in consumed and n not in ignorable
+            and not n.endswith(layout.IGNORABLE_SUFFIXES)]
+  if unused:
+    raise ConversionError(f"{src}: tensor {unused[0]!r} (and {len(unused) - 1} more) has no "
+                          "place in the sptlm model; it is not a supported architecture")
+
+  added = vocab.size - text_size
+  embed = params[layout.EMBED]
+  embed[text_size:] = new_rows(embed[:text_size], added, np.random.default_rng(
+      [cfg.train.seed, 0]))
+  if not cfg.model.tie_embeddings:
+    head = params[layout.LM_HEAD]
+    head[:, text_size:] = new_rows(head[:, :text_size].T, added, np.random.default_rng(
+        [cfg.train.seed, 1])).T
+    del head
+  del embed, targets  # write_init frees each leaf as it moves it: hold no other reference
+
+  tensors = len(consumed)
+  step_dir = checkpoints.write_init(out, cfg, params)  # empties params
+  lineage.write(out, str(src), {
+      "family": fam.name, "architecture": fam.architecture, "source": str(src.resolve()),
+      "text_size": text_size, "vocab_size": vocab.size, "new_rows": NEW_ROWS,
+      "seed": cfg.train.seed})
+  return ImportReport(out, fam.architecture, str(src), text_size, vocab.size, tensors, step_dir)
