@@ -24,6 +24,7 @@ def base(model: dict, data: dict, *, steps: int) -> ml_collections.ConfigDict:
   c.model = dict(
       rope_theta=10_000.0, rope_fraction=1.0, rope_style="rotate_half", qkv_bias=False,
       tie_embeddings=False, norm_eps=1e-5, attention="reference", attention_chunk=0,
+      loss_chunk=0,
       attention_block_q=512, attention_block_kv=512,
       scan_layers=True, remat="full", dtype="bfloat16", param_dtype="float32", init_std=0.02,
   )

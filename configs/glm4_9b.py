@@ -19,7 +19,7 @@ def get_config():
   c = _common.base(
       model=dict(num_layers=40, d_model=4096, num_heads=32, num_kv_heads=2, head_dim=128,
                  d_ff=13_696, rope_fraction=0.5, rope_style="interleaved", qkv_bias=True,
-                 norm_eps=1.5625e-7, attention_chunk=1024),
+                 norm_eps=1.5625e-7, attention_chunk=1024, loss_chunk=1024),
       data=dict(seq_len=8192, global_batch_size=64, packing_bins=256, num_shards=64),
       steps=120_000,
   )

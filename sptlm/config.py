@@ -39,6 +39,7 @@ class ModelConfig:
   norm_eps: float
   attention: str  # "reference" (pure JAX) or "pallas" (fused kernel)
   attention_chunk: int  # reference backend: query block size; 0 computes all at once
+  loss_chunk: int  # logits and cross-entropy in sequence blocks of this size; 0: all at once
   attention_block_q: int  # pallas backend: query rows per kernel block (multiple of 128)
   attention_block_kv: int  # pallas backend: keys per kernel block (multiple of 128)
   scan_layers: bool
@@ -248,6 +249,9 @@ def validate(c: Config) -> None:
   if not 0.0 < m.rope_fraction <= 1.0 or int(m.head_dim * m.rope_fraction) % 2:
     raise ConfigError(f"model.rope_fraction={m.rope_fraction} must give an even number of "
                       f"rotary dims of head_dim={m.head_dim}")
+  if m.loss_chunk < 0 or (m.loss_chunk and d.seq_len % m.loss_chunk):
+    raise ConfigError(f"model.loss_chunk={m.loss_chunk} must divide data.seq_len={d.seq_len} "
+                      "(0 computes the logits all at once)")
   if m.attention not in ("reference", "pallas"):
     raise ConfigError(f"model.attention={m.attention!r}: use 'reference' or 'pallas'")
   for key in ("dtype", "param_dtype"):

@@ -147,7 +147,7 @@ def _step_results(cfg: config_lib.Config, devices: list, steps: int = 2):
   return out, jax.device_get(state["params"])
 
 
-def test_grad_accumulation_and_mesh_match_single_device():
+def test_grad_accumulation_mesh_and_loss_chunks_match_single_device():
   base = ["--config.model.num_layers=2", "--config.data.seq_len=32",
           "--config.data.global_batch_size=8", "--config.train.warmup_steps=1"]
   one = config_lib.load(TINY, base + ["--config.mesh.data=1"])
@@ -156,7 +156,9 @@ def test_grad_accumulation_and_mesh_match_single_device():
   mesh = config_lib.load(TINY, base + ["--config.mesh.data=2", "--config.mesh.fsdp=2",
                                        "--config.mesh.tensor=2"])
   assert len(jax.devices()) >= 8
-  for cfg, devices in ((micro, jax.devices()[:1]), (mesh, jax.devices()[:8])):
+  chunked = config_lib.load(TINY, base + ["--config.mesh.data=1", "--config.model.loss_chunk=8"])
+  for cfg, devices in ((micro, jax.devices()[:1]), (mesh, jax.devices()[:8]),
+                       (chunked, jax.devices()[:1])):
     metrics, params = _step_results(cfg, devices)
     for got, want in zip(metrics, ref_metrics):
       np.testing.assert_allclose(got["loss"], want["loss"], rtol=2e-6)

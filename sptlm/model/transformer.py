@@ -189,6 +189,11 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+    return self.logits(self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL))
+
+  def hidden(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+             segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+    """The last block's output, before the final norm: what `logits` projects."""
     b, l = tokens_BxL.shape
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(l), (b, l))
@@ -208,7 +213,7 @@ class Transformer(nnx.Module):
     else:
       for i in range(self.cfg.num_layers):
         x_BxLxD, _ = layer(x_BxLxD, jax.tree.map(lambda a, i=i: a[i], state))
-    return self.logits(x_BxLxD)
+    return x_BxLxD
 
   def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
     cfg = self.cfg

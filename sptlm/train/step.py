@@ -14,12 +14,39 @@ Batch = dict[str, jax.Array]
 TrainState = dict[str, Any]  # {"step": int32 scalar, "params": pure dict, "opt_state": ...}
 
 
-def loss_sums(params: Any, graphdef: nnx.GraphDef, batch: Batch,
-              vocab: Vocabulary) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Weighted cross-entropy *sums* (not means), so micro-batches add up exactly."""
+def cross_entropy(model: Any, x_BxLxD: jax.Array, targets_BxL: jax.Array,
+                  chunk: int) -> jax.Array:
+  """Per-token cross-entropy of the final hidden states.
+
+  With `chunk` > 0 the sequence goes in blocks of that size under `jax.checkpoint`, so neither
+  pass holds more than one [B, chunk, V] block of float32 logits (5.5 GB for 8k x 168k whole).
+  """
+  def xent(x_BxCxD: jax.Array, t_BxC: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(model.logits(x_BxCxD), t_BxC)
+
+  b, l = targets_BxL.shape
+  if not chunk or chunk >= l:
+    return xent(x_BxLxD, targets_BxL)
+  n = l // chunk
+
+  def split(a: jax.Array) -> jax.Array:  # [B, L, ...] -> [n, B, C, ...]
+    return jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)
+
+  xent_NxBxC = jax.lax.map(lambda a: jax.checkpoint(xent)(*a),
+                           (split(x_BxLxD), split(targets_BxL)))
+  return jnp.moveaxis(xent_NxBxC, 0, 1).reshape(b, l)
+
+
+def loss_sums(params: Any, graphdef: nnx.GraphDef, batch: Batch, vocab: Vocabulary,
+              scale: jax.Array | float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Weighted cross-entropy *sums* (not means), so micro-batches add up exactly.
+
+  The differentiated value is the sum times `scale` (1 / the global batch's weight), so the
+  gradients come out normalised without another pass over them.
+  """
   model = nnx.merge(graphdef, params)
-  logits_BxLxV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-  xent_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, batch["targets"])
+  x_BxLxD = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+  xent_BxL = cross_entropy(model, x_BxLxD, batch["targets"], model.cfg.loss_chunk)
   w_BxL = batch["weights"].astype(jnp.float32)
   speech_BxL = vocab.is_speech(batch["targets"]).astype(jnp.float32) * w_BxL
   text_BxL = w_BxL - speech_BxL
@@ -31,7 +58,7 @@ def loss_sums(params: Any, graphdef: nnx.GraphDef, batch: Batch,
       "loss_text": jnp.sum(xent_BxL * text_BxL),
       "weight_text": jnp.sum(text_BxL),
   }
-  return sums["loss"], sums
+  return sums["loss"] * scale, sums
 
 
 def _split_micro(batch: Batch, n: int) -> Batch:
@@ -46,11 +73,12 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     params = state["params"]
+    denom = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
     if microbatches == 1:
-      (_, sums), grads = grad_fn(params, graphdef, batch, vocab)
+      (_, sums), grads = grad_fn(params, graphdef, batch, vocab, 1.0 / denom)
     else:
       def micro(carry, mb):
-        (_, s), g = grad_fn(params, graphdef, mb, vocab)
+        (_, s), g = grad_fn(params, graphdef, mb, vocab, 1.0 / denom)
         return jax.tree.map(jnp.add, carry, (s, g)), None
 
       zero = (jax.eval_shape(lambda: loss_sums(params, graphdef, jax.tree.map(
@@ -58,8 +86,6 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
               jax.tree.map(jnp.zeros_like, params))
       zero = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero[0]), zero[1])
       (sums, grads), _ = jax.lax.scan(micro, zero, _split_micro(batch, microbatches))
-    denom = jnp.maximum(sums["weight"], 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
