@@ -28,22 +28,25 @@ def _metrics(workdir: pathlib.Path) -> list[dict]:
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _sptlm(args: list[str], **kwargs) -> subprocess.Popen:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  return subprocess.Popen([sys.executable, "-m", "sptlm.cli", *args], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+def _sptlm(args: list[str], cwd: pathlib.Path = ROOT) -> subprocess.Popen:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             PYTHONPATH=str(ROOT))
+  return subprocess.Popen([sys.executable, "-m", "sptlm.cli", *args], cwd=cwd, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _run(args: list[str]) -> str:
-  proc = _sptlm(args)
+def _run(args: list[str], cwd: pathlib.Path = ROOT) -> str:
+  proc = _sptlm(args, cwd)
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out
   return out
 
 
 def test_entry_point_trains_and_loss_falls(tmp_path):
-  out = _run(["train", "--config", TINY, "--workdir", str(tmp_path), "--config.train.steps=30",
-              *FAST])
+  # A relative work directory, from another directory than the checkout (as a user would).
+  out = _run(["train", "--config", TINY, "--workdir", "run", "--config.train.steps=30",
+              "--config.train.checkpoint_every=10", *FAST], cwd=tmp_path)
+  tmp_path = tmp_path / "run"
   rows = _metrics(tmp_path)
   assert [r["step"] for r in rows] == list(range(1, 31))
   first, last = rows[0]["loss"], rows[-1]["loss"]

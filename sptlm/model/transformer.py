@@ -98,8 +98,7 @@ class Attention(nnx.Module):
                segment_ids_BxL: jax.Array) -> jax.Array:
     q, k, v = self.project(x_BxLxD, positions_BxL)
     backend = attention.get_backend(self.cfg.attention)
-    kwargs = {"chunk": self.cfg.attention_chunk} if self.cfg.attention == "reference" else {}
-    return self.output(backend(q, k, v, segment_ids_BxL, **kwargs))
+    return self.output(backend(q, k, v, segment_ids_BxL, **attention.backend_kwargs(self.cfg)))
 
 
 class Mlp(nnx.Module):

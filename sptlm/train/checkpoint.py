@@ -6,6 +6,7 @@ DIR/corrupt_checkpoints/ with a warning and the one before it is used.
 """
 
 import logging
+import os
 from typing import Any
 
 import grain
@@ -25,7 +26,9 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, *, keep: int, async_save: bool):
-    self.workdir = epath.Path(workdir)
+    # Orbax wants absolute paths; a relative local workdir is taken from the current directory.
+    self.workdir = epath.Path(workdir if "://" in str(workdir) else
+                              os.path.abspath(os.path.expanduser(str(workdir))))
     self.directory = self.workdir / "checkpoints"
     self.manager = ocp.CheckpointManager(
         self.directory,
