@@ -22,10 +22,10 @@ def get_config():
   c.name = "speech_tokenizer_tiny"
   c.model = dict(num_mels=128, d_model=192, num_heads=4, d_ff=768, layers_before_vq=2,
                  layers_after_vq=2, pool=4, block_causal_seconds=0.0, causal_stem=False,
-                 max_seconds=30.0, dtype="float32", param_dtype="float32", init_std=0.02)
-  c.vq = dict(codebook_size=512, ema_decay=0.99, commitment_weight=0.25, restart_every=50,
-              restart_threshold=0.03)
-  c.asr = dict(units=256, text_tokenizer="")
+                 max_seconds=30.0, ctc_upsample=4, dtype="float32", param_dtype="float32", init_std=0.02)
+  c.vq = dict(codebook_size=512, ema_decay=0.99, commitment_weight=0.25, restart_after=20,
+              warmup_steps=0)
+  c.asr = dict(unit_type="char", units=32, text_tokenizer="")
   c.data = dict(corpus="runs/speech_corpus", train_split="train", eval_splits=("test",),
                 batch_seconds=96.0, bucket_seconds=(2.56, 3.84, 5.12, 7.68),
                 eval_every=600, eval_utterances=100, cache_dir="")
