@@ -14,7 +14,6 @@ all and left out. With --models it also compiles the full train steps of lm_1b a
 """
 
 import argparse
-import dataclasses
 import functools
 import pathlib
 import sys

@@ -10,7 +10,6 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
 from sptlm import cli, sharding
 from sptlm import config as config_lib

@@ -8,8 +8,8 @@ the device.
 
 import logging
 import math
-import pathlib
 import signal
+import sys
 import time
 from typing import Any
 
@@ -160,7 +160,7 @@ def train(cfg: Config, workdir: str) -> dict[str, Any]:
   # ---- Loop --------------------------------------------------------------------------------
   stop = _StopSignal(mesh)
   bar = tqdm(total=tcfg.steps, initial=start_step, disable=not is_main, unit="step",
-             dynamic_ncols=True)
+             dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
   pending: tuple[int, Any] | None = None  # (step number, device metrics) not yet fetched
   last: dict[str, Any] = {}
   window = {"t": time.perf_counter(), "steps": 0}
