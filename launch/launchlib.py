@@ -284,3 +284,39 @@ def compile_check(prog: str, runner: Runner, config: str, accelerator_type: str,
                       "mesh.tensor), remat (model.remat), or lower --per-device-batch; "
                       "--skip-compile-check starts anyway")
   log(prog, f"compile check passed: {config} on {topology} {verdict}")
+
+
+def command_parser(prog: str, doc: str, commands: Dict[str, object],
+                   common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+  """One sub-command per entry of `commands`, each with the shared flags; helps from `doc`."""
+  parser = argparse.ArgumentParser(
+      prog=prog, description=doc.split("\n\n")[0],
+      epilog="--config.KEY=VALUE arguments pass through to sptlm train and sptlm compile.")
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  helps = dict(line.strip().split(None, 1) for line in doc.splitlines()
+               if line.startswith("  ") and line.split()[0] in commands)
+  for name in commands:
+    sub.add_parser(name, parents=[common], help=helps[name], description=helps[name])
+  return parser
+
+
+def run_command(prog: str, parser: argparse.ArgumentParser, commands: Dict[str, object],
+                argv: Optional[Sequence[str]]) -> int:
+  """Parses, dispatches, and turns a LaunchError into one line on stderr."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    rest, overrides = split_overrides(argv)
+  except LaunchError as e:
+    parser.exit(2, f"{prog}: error: {e}\n")
+  args = parser.parse_args(rest)
+  if args.num_slices < 1:
+    parser.exit(2, f"{prog}: error: --num-slices must be at least 1\n")
+  runner = Runner(prog, args.dry_run)
+  try:
+    return commands[args.command](args, overrides, runner)
+  except LaunchError as e:
+    print(f"{prog} {args.command}: error: {e}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print(f"{prog} {args.command}: interrupted", file=sys.stderr)
+    return 130

@@ -198,33 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
   common.add_argument("--dry-run", action="store_true",
                       help="print every command (DRY-RUN: ...) and run none")
 
-  parser = argparse.ArgumentParser(
-      prog=PROG, description=__doc__.split("\n\n")[0],
-      epilog="--config.KEY=VALUE arguments pass through to sptlm train and sptlm compile.")
-  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-  helps = dict(line.strip().split(None, 1) for line in __doc__.splitlines()
-               if line.startswith("  ") and line.split()[0] in COMMANDS)
-  for name in COMMANDS:
-    sub.add_parser(name, parents=[common], help=helps[name], description=helps[name])
-  return parser
+  return lib.command_parser(PROG, __doc__, COMMANDS, common)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  parser = build_parser()
-  try:
-    rest, overrides = lib.split_overrides(argv)
-  except LaunchError as e:
-    parser.exit(2, f"{PROG}: error: {e}\n")
-  args = parser.parse_args(rest)
-  if args.num_slices < 1:
-    parser.exit(2, f"{PROG}: error: --num-slices must be at least 1\n")
-  runner = lib.Runner(PROG, args.dry_run)
-  try:
-    return COMMANDS[args.command](args, overrides, runner)
-  except LaunchError as e:
-    print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
-    return 1
+  return lib.run_command(PROG, build_parser(), COMMANDS, argv)
 
 
 if __name__ == "__main__":
