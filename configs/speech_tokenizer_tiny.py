@@ -1,11 +1,13 @@
-"""Tiny 12.5 Hz supervised speech tokenizer: trains on 2 CPU cores in about 30 minutes.
+"""Tiny 12.5 Hz supervised speech tokenizer for 2 CPU cores (see
+BENCHMARKS.md for what it reaches in how long).
 
   sptlm tokenizer build-corpus --out runs/speech_corpus
   sptlm tokenizer train --config configs/speech_tokenizer_tiny.py --workdir runs/speech_tiny
 
-A Whisper-layout encoder (d=192, 2 layers below the VQ, 2 above), a 512-code EMA codebook and a
-CTC head over 256 SentencePiece units. The full-scale recipe is whisper-large-v3 split 16 + 16
-with a 16,384-code codebook; the keys are the same.
+A Whisper-layout encoder (d=192, 2 layers below the VQ, 2 above), a 512-code EMA codebook at
+12.5 Hz, and a CTC head over letters at 50 Hz (each token repeated 4 times above the
+bottleneck). The full-scale recipe is whisper-large-v3 split 16 + 16 with a 16,384-code
+codebook; the keys are the same.
 """
 
 import pathlib
@@ -16,27 +18,28 @@ import _common  # noqa: E402
 
 
 def get_config():
-  lm = _common.base(model={}, data={}, steps=2400)  # the LM recipe's train and mesh sections
+  lm = _common.base(model={}, data={}, steps=3200)  # the LM recipe's train and mesh sections
   c = lm.__class__()
   c.kind = "speech_tokenizer"
   c.name = "speech_tokenizer_tiny"
   c.model = dict(num_mels=128, d_model=192, num_heads=4, d_ff=768, layers_before_vq=2,
                  layers_after_vq=2, pool=4, block_causal_seconds=0.0, causal_stem=False,
-                 max_seconds=30.0, ctc_upsample=4, dtype="float32", param_dtype="float32", init_std=0.02)
+                 max_seconds=30.0, ctc_upsample=4, dtype="float32", param_dtype="float32",
+                 init_std=0.02)
   c.vq = dict(codebook_size=512, ema_decay=0.99, commitment_weight=0.25, restart_after=20,
-              warmup_steps=0)
+              warmup_steps=200)
   c.asr = dict(unit_type="char", units=32, text_tokenizer="")
   c.data = dict(corpus="runs/speech_corpus", train_split="train", eval_splits=("test",),
-                batch_seconds=96.0, bucket_seconds=(2.56, 3.84, 5.12, 7.68),
-                eval_every=600, eval_utterances=100, cache_dir="")
+                batch_seconds=32.0, bucket_seconds=(2.56, 3.84, 5.12, 7.68), short_first=True,
+                eval_every=1000, eval_utterances=100, cache_dir="")
   c.train = lm.train
-  c.train.learning_rate = 2e-3
+  c.train.learning_rate = 3e-3
   c.train.min_learning_rate = 1e-4
   c.train.warmup_steps = 100
   c.train.schedule = "cosine"
   c.train.weight_decay = 0.01
   c.train.log_every = 20
-  c.train.checkpoint_every = 300
+  c.train.checkpoint_every = 500
   c.mesh = lm.mesh
   c.mesh.data = -1
   c.mesh.fsdp = 1

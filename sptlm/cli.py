@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=cmd_compile)
 
   from sptlm.convert import cli as convert_cli
+  from sptlm.speech import cli as speech_cli
   convert_cli.add_parser(sub)
+  speech_cli.add_parser(sub)
   return parser
 
 

@@ -1,0 +1,120 @@
+"""Benchmark of the tiny 12.5 Hz speech tokenizer: builds the espeak-ng corpus, trains
+configs/speech_tokenizer_tiny.py through `sptlm tokenizer train`, and measures what issue #3
+asks for: WER of transcribe on held-out sentences with voices seen in training (bar: <= 15%)
+and with held-out voices, code usage and perplexity on held-out audio, tokens per second of
+audio, chunked-vs-whole agreement on long audio, encode speed and training wall time.
+
+  JAX_PLATFORMS=cpu .venv/bin/python benchmarks/speech_tokenizer.py \
+      --corpus runs/speech_corpus --workdir runs/speech_tiny [--config.KEY=VALUE ...]
+
+Writes a JSON summary to WORKDIR/benchmark.json and prints it; the figures and the command go
+into benchmarks/results_speech_tokenizer.md by hand (the machine it ran on matters).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _sptlm(args: list[str]) -> None:
+  """The real entry point, in a subprocess (as a user runs it)."""
+  from sptlm import cli
+  try:
+    cli.build_parser().parse_args(["tokenizer", "--help"])
+    module = "sptlm.cli"
+  except SystemExit as e:
+    module = "sptlm.cli" if e.code == 0 else "sptlm.speech.cli"
+  cmd = [sys.executable, "-m", module, "tokenizer", *args]
+  print("+", " ".join(cmd), flush=True)
+  subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def _code_stats(codes: list[np.ndarray], k: int) -> dict[str, float]:
+  counts = np.bincount(np.concatenate(codes), minlength=k)
+  p = counts[counts > 0] / counts.sum()
+  return {"code_usage": float(np.mean(counts > 0)),
+          "code_perplexity": float(np.exp(-np.sum(p * np.log(p))))}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--corpus", default="runs/speech_corpus")
+  parser.add_argument("--workdir", default="runs/speech_tiny")
+  parser.add_argument("--config", default="configs/speech_tokenizer_tiny.py")
+  parser.add_argument("--train", type=int, default=8000, help="training sentences")
+  parser.add_argument("--test", type=int, default=300, help="held-out sentences")
+  parser.add_argument("--skip-train", action="store_true", help="only evaluate WORKDIR")
+  args, overrides = parser.parse_known_args()
+
+  t0 = time.time()
+  _sptlm(["build-corpus", "--out", args.corpus, "--train", str(args.train),
+          "--test", str(args.test)])
+  corpus_s = time.time() - t0
+  t0 = time.time()
+  if not args.skip_train:
+    _sptlm(["train", "--config", args.config, "--workdir", args.workdir,
+            f"--config.data.corpus={args.corpus}", *overrides])
+  train_s = time.time() - t0
+
+  import jax
+  from sptlm.speech import corpus as corpus_lib
+  from sptlm.speech import wer as wer_lib
+  from sptlm.speech.tokenizer import SpeechTokenizer
+  tok = SpeechTokenizer.load(args.workdir, batch=16)
+  source = corpus_lib.ManifestSource(pathlib.Path(args.corpus))
+  rows = [json.loads(line) for line in (pathlib.Path(args.workdir) / "metrics.jsonl")
+          .read_text().splitlines()]
+  train_rows = [r for r in rows if "loss" in r]
+  result: dict = {"device": f"{jax.devices()[0].platform} x {os.cpu_count()} cores",
+                  "corpus_build_s": round(corpus_s, 1),
+                  "train_wall_s": round(train_s, 1) if not args.skip_train else None,
+                  "steps": train_rows[-1]["step"], "final_loss_ctc": train_rows[-1]["loss_ctc"],
+                  "train_hours": json.loads((pathlib.Path(args.corpus) / "corpus.json")
+                                            .read_text())["hours"]["train"]}
+  heldout_codes = []
+  for split in ("test", "test_voices"):
+    utts = source.utterances(split)
+    audios = [source.load(u) for u in utts]
+    t0 = time.time()
+    codes = tok.encode(audios)
+    enc_s = time.time() - t0
+    hyps = tok.decode(codes)
+    seconds = sum(len(a) for a in audios) / 16_000
+    exact = all(len(c) == -(-len(a) // 1280) for c, a in zip(codes, audios))
+    result[split] = {"utterances": len(utts), "wer": wer_lib.wer([u.text for u in utts], hyps),
+                     "audio_s": round(seconds, 1), "tokens": int(sum(map(len, codes))),
+                     "tokens_per_s": sum(map(len, codes)) / seconds,
+                     "one_token_per_1280_samples": exact,
+                     "encode_audio_s_per_s": seconds / enc_s,
+                     **_code_stats(codes, tok.codebook_size),
+                     "examples": [{"ref": u.text, "hyp": h} for u, h in
+                                  list(zip(utts, hyps))[:3]]}
+    heldout_codes += codes
+  result["heldout_codes"] = _code_stats(heldout_codes, tok.codebook_size)
+
+  # Long audio: 60 s of held-out speech, encoded in 30 s windows vs in one piece.
+  utts = source.utterances("test")
+  long = np.concatenate([source.load(u) for u in utts[:40]])[:60 * 16_000]
+  chunked = tok.encode([long])[0]
+  whole_tok = SpeechTokenizer(tok.cfg, tok.units, tok.params, tok.vq_state, batch=1)
+  whole_tok.window = len(chunked) + 1
+  whole = whole_tok.encode([long])[0]
+  result["long_audio"] = {"seconds": len(long) / 16_000, "tokens": len(chunked),
+                          "tokens_whole": len(whole),
+                          "agreement_chunked_vs_whole": float(np.mean(chunked == whole))}
+  out = pathlib.Path(args.workdir) / "benchmark.json"
+  out.write_text(json.dumps(result, indent=2) + "\n")
+  print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+  main()

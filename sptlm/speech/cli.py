@@ -1,0 +1,323 @@
+"""`sptlm tokenizer ...`: build a speech corpus, train the tokenizer, encode and transcribe.
+
+Registered by the top-level CLI through `add_parser(subparsers)`. Handlers take
+(args, overrides) and return an exit code; user errors raise ValueError / FileNotFoundError
+with one line, which the top-level CLI prints.
+
+Batch jobs (encode, transcribe) write one JSON line per input as soon as it is done, flushed.
+A bad input gets an {"audio": ..., "error": ...} line and a line on stderr, and the job goes
+on; the exit code is 1 if any input failed. With --output FILE an interrupted job resumes:
+lines already in FILE are kept and their inputs skipped (failed ones are retried).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, TextIO
+
+from sptlm import paths
+
+DEFAULT_CONFIG = "configs/speech_tokenizer_tiny.py"
+
+
+def _no_overrides(overrides: Sequence[str], command: str) -> None:
+  if overrides:
+    raise ValueError(f"{overrides[0]}: --config.KEY=VALUE overrides apply to `tokenizer train`, "
+                     f"not `tokenizer {command}`")
+
+
+# ---- build-corpus -----------------------------------------------------------------------------
+
+
+def cmd_build_corpus(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  _no_overrides(overrides, "build-corpus")
+  from sptlm.speech import corpus
+  texts = [pathlib.Path(t) for t in args.text]
+  if args.fortunes:
+    if not corpus.FORTUNES_DIR.is_dir():
+      raise FileNotFoundError(f"{corpus.FORTUNES_DIR} not found: apt-get install fortunes")
+    texts += sorted(p for p in corpus.FORTUNES_DIR.iterdir()
+                    if p.is_file() and not p.suffix and p.name not in ("art", "ascii-art"))
+  if texts and not args.no_default_text:
+    texts = corpus.default_texts() + texts
+  meta = corpus.build_corpus(args.out, texts=texts, seed=args.seed, num_train=args.train,
+                             num_test=args.test, heldout_variants=args.heldout_variants,
+                             workers=args.workers)
+  print(json.dumps({"out": str(args.out), "counts": meta["counts"],
+                    "hours": meta.get("hours"), "heldout_voices": len(meta["heldout_voices"]),
+                    "train_voices": len(meta["train_voices"])}))
+  return 0
+
+
+# ---- train ------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  from sptlm.config import ConfigError
+  from sptlm.speech import config as config_lib
+  try:
+    cfg = config_lib.load(paths.resolve(args.config), list(overrides))
+  except ConfigError as e:
+    raise ValueError(str(e)) from None
+  from sptlm.speech import train
+  from sptlm.train.trainer import TrainingError
+  try:
+    train.train(cfg, args.workdir or os.path.join("runs", cfg.name))
+  except TrainingError as e:
+    raise ValueError(str(e)) from None
+  return 0
+
+
+# ---- encode / transcribe ----------------------------------------------------------------------
+
+
+class Output:
+  """JSON lines to stdout or a file; a file is resumed: complete lines stay, inputs done are
+  skipped, a torn last line (a killed job) is cut off."""
+
+  def __init__(self, path: str | None, key: str):
+    self.done: set[Any] = set()
+    self.failed = 0
+    if path is None:
+      self.file: TextIO = sys.stdout
+      return
+    p = pathlib.Path(path)
+    if p.exists():
+      text = p.read_text(encoding="utf-8")
+      complete = text[:text.rfind("\n") + 1]
+      if complete != text:
+        p.write_text(complete, encoding="utf-8")
+      for line in complete.splitlines():
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        if "error" not in row and key in row:
+          self.done.add(row[key])
+    self.file = p.open("a", encoding="utf-8")
+
+  def write(self, row: dict, command: str) -> None:
+    if "error" in row:
+      self.failed += 1
+      print(f"sptlm tokenizer {command}: {row['error']}", file=sys.stderr, flush=True)
+    self.file.write(json.dumps(row) + "\n")
+    self.file.flush()
+
+  def close(self) -> None:
+    if self.file is not sys.stdout:
+      self.file.close()
+
+
+def _inputs(args: argparse.Namespace) -> list[str]:
+  files = list(args.audio)
+  if args.list:
+    try:
+      lines = pathlib.Path(args.list).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+      raise FileNotFoundError(f"--list {args.list}: {e.strerror}") from None
+    files += [line.strip() for line in lines if line.strip()]
+  return files
+
+
+def _load(args: argparse.Namespace):
+  from sptlm.speech.tokenizer import SpeechTokenizer
+  return SpeechTokenizer.load(args.workdir, batch=args.batch)
+
+
+def _progress(items: Iterable, total: int, unit: str) -> Iterator:
+  from tqdm import tqdm
+  return iter(tqdm(items, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                   disable=total < 2))
+
+
+def _finish(out: Output, total: int, command: str) -> int:
+  out.close()
+  if out.failed:
+    print(f"sptlm tokenizer {command}: {out.failed} of {total} inputs failed (see their "
+          "\"error\" lines)", file=sys.stderr)
+    return 1
+  return 0
+
+
+def cmd_encode(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  _no_overrides(overrides, "encode")
+  files = _inputs(args)
+  if not files:
+    raise ValueError("no audio given: name WAV files or pass --list FILE")
+  tok = _load(args)
+  out = Output(args.output, "audio")
+  todo = [f for f in files if f not in out.done]
+  rows = tok.encode_files(todo, mix_channels=args.mix_channels, max_seconds=args.max_seconds)
+  try:
+    for row in _progress(rows, len(todo), "file"):
+      out.write(row, "encode")
+  finally:
+    out.file.flush()
+  return _finish(out, len(todo), "encode")
+
+
+def _token_lines(path: str) -> Iterator[tuple[int, dict]]:
+  p = pathlib.Path(path)
+  if not p.is_file():
+    raise FileNotFoundError(f"--tokens {path}: no such file")
+  with p.open(encoding="utf-8") as f:
+    for i, line in enumerate(f):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        row = {"error": f"line {i + 1} of {path} is not JSON"}
+      yield i, row if isinstance(row, dict) else {"error": f"line {i + 1} is not an object"}
+
+
+def cmd_transcribe(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  _no_overrides(overrides, "transcribe")
+  if bool(args.tokens) == bool(args.audio or args.list):
+    raise ValueError("give either AUDIO files (or --list) or --tokens FILE.jsonl")
+  tok = _load(args)
+  if args.tokens:
+    out = Output(args.output, "index")
+    rows = [(i, r) for i, r in _token_lines(args.tokens) if i not in out.done]
+    items: Iterable = ({"index": i, **({"audio": r["audio"]} if "audio" in r else {}),
+                        **({"error": r["error"]} if "error" in r else {}),
+                        "tokens": r.get("tokens")} for i, r in rows)
+    total = len(rows)
+  else:
+    out = Output(args.output, "audio")
+    todo = [f for f in _inputs(args) if f not in out.done]
+    items = tok.encode_files(todo, mix_channels=args.mix_channels,
+                             max_seconds=args.max_seconds)
+    total = len(todo)
+  group: list[dict] = []
+
+  def flush() -> None:
+    ok = [r for r in group if "error" not in r]
+    try:
+      texts = tok.decode([r["tokens"] for r in ok])
+    except ValueError:  # one bad token line: decode one at a time to name it
+      texts = []
+      for r in ok:
+        try:
+          texts.append(tok.decode([r["tokens"]])[0])
+        except (ValueError, TypeError) as e:
+          texts.append(e)
+    by_id = dict(zip(map(id, ok), texts))
+    for r in group:
+      row = {k: r[k] for k in ("audio", "index") if k in r}
+      text = by_id.get(id(r))
+      if "error" in r or isinstance(text, Exception):
+        row["error"] = r.get("error") or f"bad tokens: {text}"
+      else:
+        row["text"] = text
+        if "warning" in r:
+          row["warning"] = r["warning"]
+      out.write(row, "transcribe")
+    group.clear()
+
+  for r in _progress(items, total, "input"):
+    if "error" not in r and not isinstance(r.get("tokens"), list):
+      r = dict(r, error=f"line {r.get('index', '?')}: no \"tokens\" list")
+    group.append(r)
+    if len(group) >= 32:
+      flush()
+  flush()
+  return _finish(out, total, "transcribe")
+
+
+# ---- Parser -----------------------------------------------------------------------------------
+
+
+def _batch_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--workdir", required=True, help="a `tokenizer train` work directory")
+  p.add_argument("--list", help="a file with one audio path per line (in addition to AUDIO)")
+  p.add_argument("--output", help="JSON lines file (default: stdout); an existing one is "
+                 "resumed: inputs already in it are skipped")
+  p.add_argument("--mix-channels", action="store_true",
+                 help="average multi-channel audio to mono (default: such files are an error)")
+  p.add_argument("--max-seconds", type=float, default=7200.0,
+                 help="longer files are reported as errors (default: 7200)")
+  p.add_argument("--batch", type=int, default=8, help="windows per encoder call (default: 8)")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+  p = subparsers.add_parser(
+      "tokenizer", help="the 12.5 Hz supervised speech tokenizer",
+      description="Build a speech corpus with espeak-ng, train the 12.5 Hz VQ speech tokenizer, "
+      "and turn audio into tokens (encode) or text (transcribe).")
+  sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
+
+  q = sub.add_parser(
+      "build-corpus", help="render text to speech with espeak-ng (16 kHz, with transcripts)",
+      description="Renders sentences to 16 kHz speech with many espeak-ng voices, rates and "
+      "pitches; splits train / test (held-out sentences) / test_voices (held-out sentences "
+      "and voices). Deterministic for a seed.")
+  q.add_argument("--out", required=True, type=pathlib.Path, help="corpus directory")
+  q.add_argument("--text", action="append", default=[],
+                 help="a text file of sentences (plain text or a fortune file; repeatable). "
+                 "Default: data_pipelines/assets/tinyshakespeare.txt")
+  q.add_argument("--fortunes", action="store_true",
+                 help="add the English fortune files of Debian's `fortunes` package")
+  q.add_argument("--no-default-text", action="store_true",
+                 help="with --text or --fortunes, leave out the default text")
+  q.add_argument("--train", type=int, default=8000, help="training sentences (default: 8000)")
+  q.add_argument("--test", type=int, default=300, help="held-out sentences (default: 300)")
+  q.add_argument("--heldout-variants", type=int, default=8,
+                 help="espeak-ng voice variants kept out of training (default: 8)")
+  q.add_argument("--seed", type=int, default=0)
+  q.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                 help="parallel espeak-ng processes (default: CPU count)")
+  q.set_defaults(func=cmd_build_corpus)
+
+  q = sub.add_parser(
+      "train", help="train the tokenizer from a config",
+      description="Trains the speech tokenizer; resumes by itself when --workdir holds a "
+      "checkpoint. Override any config key with --config.KEY=VALUE.")
+  q.add_argument("--config", default=DEFAULT_CONFIG,
+                 help=f"get_config() file (default: {DEFAULT_CONFIG})")
+  q.add_argument("--workdir", help="run directory (default: runs/<config name>)")
+  q.set_defaults(func=cmd_train)
+
+  q = sub.add_parser(
+      "encode", help="audio -> speech tokens (JSON lines)",
+      description="Writes {\"audio\": path, \"seconds\": s, \"tokens\": [...]} per WAV file "
+      "(any sample rate, any length; 12.5 tokens per second, raw codebook indices).")
+  q.add_argument("audio", nargs="*", help="WAV files")
+  _batch_args(q)
+  q.set_defaults(func=cmd_encode)
+
+  q = sub.add_parser(
+      "transcribe", help="audio or tokens -> text through the bottleneck (JSON lines)",
+      description="ASR through the VQ bottleneck: writes {\"audio\" or \"index\": ..., "
+      "\"text\": ...} per WAV file, or per line of an `encode` output given with --tokens.")
+  q.add_argument("audio", nargs="*", help="WAV files")
+  q.add_argument("--tokens", help="JSON lines with a \"tokens\" list each (`encode` output)")
+  _batch_args(q)
+  q.set_defaults(func=cmd_transcribe)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m sptlm.speech.cli tokenizer ...`: the top-level `sptlm` main with this command
+  group registered (the same as `sptlm tokenizer ...` once sptlm.cli registers it)."""
+  from sptlm import cli as top
+  build = top.build_parser
+
+  def build_with_tokenizer() -> argparse.ArgumentParser:
+    parser = build()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if "tokenizer" not in action.choices:
+      add_parser(action)
+    return parser
+
+  top.build_parser = build_with_tokenizer
+  try:
+    return top.main(argv)
+  finally:
+    top.build_parser = build
+
+
+if __name__ == "__main__":
+  sys.exit(main())

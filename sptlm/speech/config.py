@@ -1,0 +1,168 @@
+"""Config of the speech tokenizer: `get_config()` files -> frozen dataclasses, once, at the CLI.
+
+The optimizer (`train`) and mesh (`mesh`) sections are the LM trainer's own `TrainConfig` and
+`MeshConfig`, converted by the same `sptlm.config` helpers, so a key means the same thing in
+`sptlm train` and `sptlm tokenizer train`.
+"""
+
+import dataclasses
+import json
+import pathlib
+import typing
+
+import ml_collections
+
+from sptlm import config as config_lib
+from sptlm.config import ConfigError, MeshConfig, TrainConfig
+
+KIND = "speech_tokenizer"  # the `kind` key of every speech tokenizer config file
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """Whisper-style encoder around the VQ bottleneck (Whisper's key names where they exist)."""
+
+  num_mels: int  # 128, as Whisper v3
+  d_model: int
+  num_heads: int
+  d_ff: int  # Whisper: 4 * d_model
+  layers_before_vq: int  # whisper-large-v3 in the paper: 16 of 32
+  layers_after_vq: int  # the rest of the encoder: only training (and ASR) runs them
+  pool: int  # average pooling of the 50 Hz encoder frames: 4 -> 12.5 Hz
+  block_causal_seconds: float  # 0: bidirectional; > 0: block-causal attention (paper: 4 s)
+  causal_stem: bool  # convolutions see only the past (the paper's streaming variant)
+  max_seconds: float  # positions of one window (Whisper: 30 s); longer audio is chunked
+  ctc_upsample: int  # the layers above the VQ run at this many frames per token (CTC room)
+  dtype: str  # compute dtype
+  param_dtype: str
+  init_std: float
+
+
+@dataclasses.dataclass(frozen=True)
+class VQConfig:
+  """EMA vector quantizer at 12.5 Hz."""
+
+  codebook_size: int  # K: 16,384 at full scale
+  ema_decay: float  # 0.99 in the paper
+  commitment_weight: float  # beta of the commitment loss ||h - sg(e)||^2
+  restart_after: int  # a code unused for this many steps is re-seeded from the batch
+  warmup_steps: int  # steps in which the layers above see the unquantized encoder output
+
+
+@dataclasses.dataclass(frozen=True)
+class AsrConfig:
+  """The CTC head above the bottleneck: SentencePiece units of normalized transcripts."""
+
+  unit_type: str  # "char" (letters) or "unigram" (SentencePiece subwords)
+  units: int  # unit vocabulary size, at most (the head has units + 1 outputs: + blank)
+  text_tokenizer: str  # a SentencePiece model; "" trains one on the training transcripts
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechDataConfig:
+  """Where the audio comes from and how it is batched."""
+
+  corpus: str  # build-corpus dir, a manifest (.jsonl / .tsv), or tfds:NAME[/CONFIG]
+  train_split: str
+  eval_splits: tuple[str, ...]  # evaluated (WER) every eval_every steps
+  batch_seconds: float  # padded audio per global batch
+  bucket_seconds: tuple[float, ...]  # padded lengths; longer utterances are left out
+  short_first: bool  # first epoch from the shortest bucket up (SortaGrad), then shuffled
+  eval_every: int
+  eval_utterances: int  # per eval split (0: all)
+  cache_dir: str  # mel feature cache ("" : next to the corpus, else in the work directory)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechTokenizerConfig:
+  """A whole tokenizer experiment."""
+
+  kind: str
+  name: str
+  model: EncoderConfig
+  vq: VQConfig
+  asr: AsrConfig
+  data: SpeechDataConfig
+  train: TrainConfig
+  mesh: MeshConfig
+
+
+def from_config_dict(cfg: ml_collections.ConfigDict | dict) -> SpeechTokenizerConfig:
+  raw = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
+  if raw.get("kind") != KIND:
+    raise ConfigError(f"config key 'kind' must be {KIND!r} for a speech tokenizer config, "
+                      f"got {raw.get('kind')!r}")
+  if isinstance(raw.get("mesh"), dict) and "rules" in raw["mesh"]:
+    raw["mesh"] = dict(raw["mesh"], rules=config_lib._normalize_rules(raw["mesh"]["rules"]))
+  c = config_lib._convert(raw, SpeechTokenizerConfig, "")
+  validate(c)
+  return c
+
+
+def validate(c: SpeechTokenizerConfig) -> None:
+  """Cross-field checks the types cannot express."""
+  m, v, d, t = c.model, c.vq, c.data, c.train
+  if m.d_model % m.num_heads:
+    raise ConfigError(f"model.d_model={m.d_model} must be a multiple of "
+                      f"model.num_heads={m.num_heads}")
+  if m.pool < 1 or m.layers_before_vq < 0 or m.layers_after_vq < 0 or m.ctc_upsample < 1:
+    raise ConfigError("model.pool and model.ctc_upsample must be >= 1, model.layers_* >= 0")
+  for key in ("dtype", "param_dtype"):
+    if getattr(m, key) not in ("float32", "bfloat16", "float16"):
+      raise ConfigError(f"model.{key}={getattr(m, key)!r}: use float32, bfloat16 or float16")
+  token_s = 0.02 * m.pool
+  if m.block_causal_seconds < 0 or (m.block_causal_seconds and
+                                    abs(m.block_causal_seconds / token_s
+                                        - round(m.block_causal_seconds / token_s)) > 1e-6):
+    raise ConfigError(f"model.block_causal_seconds={m.block_causal_seconds} must be 0 or a "
+                      f"multiple of one token ({token_s} s)")
+  if not 0.0 < v.ema_decay < 1.0:
+    raise ConfigError(f"vq.ema_decay={v.ema_decay} must be in (0, 1)")
+  if v.codebook_size < 2 or v.restart_after < 1:
+    raise ConfigError("vq.codebook_size must be >= 2 and vq.restart_after >= 1")
+  if c.asr.units < 8:
+    raise ConfigError(f"asr.units={c.asr.units} must be at least 8")
+  if c.asr.unit_type not in ("char", "unigram"):
+    raise ConfigError(f"asr.unit_type={c.asr.unit_type!r}: use 'char' or 'unigram'")
+  if not d.bucket_seconds or list(d.bucket_seconds) != sorted(d.bucket_seconds):
+    raise ConfigError(f"data.bucket_seconds={d.bucket_seconds} must be increasing")
+  if max(d.bucket_seconds) > m.max_seconds:
+    raise ConfigError(f"data.bucket_seconds goes to {max(d.bucket_seconds)} s, above "
+                      f"model.max_seconds={m.max_seconds}")
+  if d.batch_seconds < max(d.bucket_seconds):
+    raise ConfigError(f"data.batch_seconds={d.batch_seconds} must hold one utterance of the "
+                      f"longest bucket ({max(d.bucket_seconds)} s)")
+  if d.eval_every < 1:
+    raise ConfigError(f"data.eval_every={d.eval_every} must be at least 1")
+  for key in ("steps", "log_every", "checkpoint_every"):
+    if getattr(t, key) < 1:
+      raise ConfigError(f"train.{key}={getattr(t, key)} must be at least 1")
+  if t.microbatches != 1:
+    raise ConfigError(f"train.microbatches={t.microbatches}: the speech tokenizer batches by "
+                      "length buckets; lower data.batch_seconds instead")
+  if t.keep_checkpoints < 2:
+    raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints} must be at least 2 so a "
+                      "corrupt latest checkpoint can fall back to the one before")
+  if t.warmup_steps >= t.steps:
+    raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be below train.steps={t.steps}")
+  if t.schedule not in ("linear", "cosine"):
+    raise ConfigError(f"train.schedule={t.schedule!r}: use 'linear' or 'cosine'")
+  for name, axes in c.mesh.rules:
+    for a in axes:
+      if a not in ("data", "fsdp", "tensor"):
+        raise ConfigError(f"mesh.rules[{name!r}] uses unknown mesh axis {a!r}")
+
+
+def load(path: str | pathlib.Path, overrides: typing.Sequence[str] = ()) -> SpeechTokenizerConfig:
+  """File + `--config.KEY=VALUE` overrides -> frozen config."""
+  cfg = config_lib.load_config_file(path)
+  config_lib.apply_overrides(cfg, list(overrides))
+  return from_config_dict(cfg)
+
+
+def to_json(c: SpeechTokenizerConfig) -> str:
+  return json.dumps(dataclasses.asdict(c), indent=2)
+
+
+def from_json(text: str) -> SpeechTokenizerConfig:
+  return from_config_dict(json.loads(text))

@@ -1,0 +1,360 @@
+"""Speech corpora: `sptlm tokenizer build-corpus` (espeak-ng renders text to real speech) and
+the corpora users bring (a manifest of audio path + transcript, or a TFDS speech dataset).
+
+A built corpus is a directory:
+  corpus.json      how it was built (sources, seed, voices, counts); a rebuild must match it
+  manifest.jsonl   one utterance a line: {"id", "audio", "text", "split", "voice", "rate",
+                   "pitch", "amplitude", "seconds", "sentence"}; `audio` relative to the dir
+  wav/ID.wav       16 kHz mono 16-bit PCM
+
+Splits: `train` (training sentences, training voices), `test` (held-out sentences, voices seen
+in training) and `test_voices` (the same held-out sentences, voices never used in training).
+A voice is an espeak-ng accent with a voice variant (`en-gb-scotland+m3`); the held-out voices
+are whole variants, so no held-out speaker is heard in training in any accent. Everything is
+drawn from one seed: the same command gives the same bytes.
+"""
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.io.wavfile
+from tqdm import tqdm
+
+from sptlm import paths
+from sptlm.speech import audio as audio_lib
+from sptlm.speech.features import SAMPLE_RATE
+
+DEFAULT_TEXTS = ("data_pipelines/assets/tinyshakespeare.txt",)
+FORTUNES_DIR = pathlib.Path("/usr/share/games/fortunes")  # Debian's `fortunes` package
+# espeak-ng's English accents (all of them seen in training) ...
+ACCENTS = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
+           "en-029", "en-us-nyc")
+# ... and its voice variants that sound like people (robots, whispers and croaks left out).
+VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5",
+            "klatt", "klatt2", "klatt3", "klatt4", "adam", "Alex", "Alicia", "Andrea", "Andy",
+            "Annie", "anika", "antonio", "aunty", "belinda", "benjamin", "boris", "caleb",
+            "david", "Denis", "Diogo", "ed", "edward", "Gene", "grandma", "grandpa", "gustave",
+            "Henrique", "Hugo", "iven", "Jacky", "john", "Lee", "linda", "marcelo", "Marco",
+            "Mario", "max", "Michael", "michel", "miguel", "Mike", "norbert", "paul", "pedro",
+            "quincy", "rob", "robert", "sandro", "shelby", "steph", "travis", "victor")
+RATES = (130, 200)  # words per minute (espeak's default: 175)
+PITCHES = (25, 75)  # 0..99 (default 50)
+AMPLITUDES = (60, 140)  # 0..200 (default 100)
+SPLITS = ("train", "test", "test_voices")
+_ALLOWED = re.compile(r"^[A-Za-z][A-Za-z ,.'!?;:\-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Utterance:
+  id: str
+  audio: str  # a path (absolute, or relative to the corpus directory), or "tfds:..." index
+  text: str  # normalized transcript: the ASR target
+  split: str = "train"
+  voice: str = ""
+  seconds: float = 0.0
+
+
+# ---- Text ------------------------------------------------------------------------------------
+
+
+def normalize_text(text: str) -> str:
+  """The ASR target form: lower case a-z, apostrophes inside words, single spaces."""
+  text = text.lower().replace("\u2019", "'")
+  text = re.sub(r"[^a-z']+", " ", text)
+  text = re.sub(r"(?<![a-z])'|'(?![a-z])", " ", text)
+  return " ".join(text.split())
+
+
+def _sentences_of(block: str) -> list[str]:
+  block = " ".join(block.split())
+  return [s.strip() for s in re.split(r"(?<=[.!?;:])\s+", block) if s.strip()]
+
+
+def read_sentences(path: pathlib.Path, *, min_words: int = 3, max_words: int = 14) -> list[str]:
+  """Sentences of a plain text (Shakespeare's plays: speaker lines are dropped) or a fortune
+  file (`%` lines between entries; attributions dropped), in file order, filtered to ones that
+  espeak-ng reads as written (letters and light punctuation, no digits or abbreviations)."""
+  try:
+    text = path.read_text(encoding="utf-8", errors="replace")
+  except OSError as e:
+    raise FileNotFoundError(f"text source {path}: {e.strerror}") from None
+  lines = text.replace("\r\n", "\n").split("\n")
+  if sum(line.strip() == "%" for line in lines) > 3:  # a fortune file
+    blocks = [b for b in "\n".join(lines).split("\n%\n")]
+    blocks = [re.split(r"\n\s*--", b)[0] for b in blocks]  # drop "-- Author"
+  else:
+    kept = [line for line in lines if not line.rstrip().endswith(":")]
+    blocks = "\n".join(kept).split("\n\n")
+  out = []
+  for block in blocks:
+    for s in _sentences_of(block):
+      s = s.strip(" -")
+      words = s.split()
+      if (min_words <= len(words) <= max_words and _ALLOWED.match(s)
+          and not re.search(r"\b[A-Z]\.", s) and not re.search(r"--|''", s)):
+        out.append(s)
+  return out
+
+
+def _speakable(sentence: str) -> str:
+  """ALL-CAPS words are shouting, not acronyms, in these sources: say them as words."""
+  return re.sub(r"\b[A-Z]{2,}\b", lambda m: m.group(0).capitalize(), sentence)
+
+
+def default_texts() -> list[pathlib.Path]:
+  return [paths.resolve(p) for p in DEFAULT_TEXTS]
+
+
+# ---- Planning ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  id: str
+  sentence: str
+  split: str
+  voice: str
+  rate: int
+  pitch: int
+  amplitude: int
+
+
+def voices(seed: int, heldout_variants: int) -> tuple[list[str], list[str]]:
+  """(training voices, held-out voices): held-out variants are never heard in training."""
+  rng = np.random.default_rng([seed, 1])
+  order = [VARIANTS[i] for i in rng.permutation(len(VARIANTS))]
+  held, kept = sorted(order[:heldout_variants]), sorted(order[heldout_variants:])
+  return ([f"{a}+{v}" for a in ACCENTS for v in kept],
+          [f"{a}+{v}" for a in ACCENTS for v in held])
+
+
+def plan_corpus(sentences: Sequence[str], *, seed: int, num_train: int, num_test: int,
+                heldout_variants: int) -> list[Plan]:
+  """Deduplicates, shuffles and splits the sentences and gives each a voice, rate and pitch."""
+  seen, unique = set(), []
+  for s in sentences:
+    key = normalize_text(s)
+    if key and key not in seen:
+      seen.add(key)
+      unique.append(s)
+  if len(unique) < num_test + 1:
+    raise ValueError(f"only {len(unique)} usable sentences; need more than --test={num_test}")
+  order = np.random.default_rng([seed, 0]).permutation(len(unique))
+  test = [unique[i] for i in order[:num_test]]
+  train = [unique[i] for i in order[num_test:num_test + num_train]]
+  train_voices, held_voices = voices(seed, heldout_variants)
+  plans = []
+  for split, sents, pool in (("train", train, train_voices), ("test", test, train_voices),
+                             ("test_voices", test, held_voices)):
+    for i, s in enumerate(sents):
+      rng = np.random.default_rng([seed, 2, SPLITS.index(split), i])
+      plans.append(Plan(f"{split}-{i:06d}", s, split, pool[rng.integers(len(pool))],
+                        int(rng.integers(RATES[0], RATES[1] + 1)),
+                        int(rng.integers(PITCHES[0], PITCHES[1] + 1)),
+                        int(rng.integers(AMPLITUDES[0], AMPLITUDES[1] + 1))))
+  return plans
+
+
+# ---- Rendering --------------------------------------------------------------------------------
+
+
+def espeak_binary() -> str:
+  exe = shutil.which("espeak-ng")
+  if exe is None:
+    raise FileNotFoundError("espeak-ng is not installed (bash scripts/setup.sh installs it; or "
+                            "apt-get install espeak-ng)")
+  return exe
+
+
+def check_voices(exe: str) -> None:
+  """espeak-ng falls back to its default voice for an unknown variant: refuse that instead."""
+  listing = subprocess.run([exe, "--voices=variant"], capture_output=True, text=True,
+                           check=False).stdout
+  have = {line.split()[-1].split("/")[-1] for line in listing.splitlines()[1:] if line.split()}
+  missing = [v for v in VARIANTS if v not in have]
+  if missing:
+    raise FileNotFoundError(f"espeak-ng lacks the voice variants {', '.join(missing[:5])}; "
+                            "install the Debian espeak-ng-data package (1.51 or later)")
+
+
+def render(plan: Plan, wav_path: pathlib.Path, exe: str) -> float:
+  """One sentence -> 16 kHz mono int16 WAV; returns its length in seconds."""
+  with tempfile.TemporaryDirectory() as tmp:
+    raw = pathlib.Path(tmp) / "raw.wav"
+    cmd = [exe, "-v", plan.voice, "-s", str(plan.rate), "-p", str(plan.pitch),
+           "-a", str(plan.amplitude), "-w", str(raw), "--stdin"]
+    proc = subprocess.run(cmd, input=_speakable(plan.sentence).encode(), capture_output=True,
+                          timeout=120, check=False)
+    if proc.returncode != 0 or not raw.exists():
+      raise RuntimeError(f"espeak-ng failed for {plan.id} ({plan.voice}): "
+                         f"{proc.stderr.decode(errors='replace').strip()[:200]}")
+    rate, data = scipy.io.wavfile.read(raw)
+  x = audio_lib.resample(data.astype(np.float32) / 32768.0, rate)
+  pcm = np.clip(np.round(x * 32767.0), -32768, 32767).astype(np.int16)
+  tmp_path = wav_path.with_suffix(".wav.part")
+  scipy.io.wavfile.write(tmp_path, SAMPLE_RATE, pcm)
+  os.replace(tmp_path, wav_path)
+  return len(pcm) / SAMPLE_RATE
+
+
+def build_corpus(out: str | pathlib.Path, *, texts: Sequence[str | pathlib.Path] = (),
+                 seed: int = 0, num_train: int = 4000, num_test: int = 200,
+                 heldout_variants: int = 8, workers: int = 2, progress: bool = True) -> dict:
+  """Renders a corpus into `out`; returns its corpus.json. A finished identical build is kept."""
+  out = pathlib.Path(out)
+  sources = [pathlib.Path(t) for t in texts] or default_texts()
+  for src in sources:
+    if not src.is_file():
+      raise FileNotFoundError(f"text source not found: {src}")
+  sentences = [s for src in sources for s in read_sentences(src)]
+  plans = plan_corpus(sentences, seed=seed, num_train=num_train, num_test=num_test,
+                      heldout_variants=heldout_variants)
+  train_voices, held_voices = voices(seed, heldout_variants)
+  fingerprint = hashlib.sha256(json.dumps([dataclasses.asdict(p) for p in plans]).encode()
+                               ).hexdigest()[:16]
+  meta = {"seed": seed, "sources": [str(s) for s in sources], "sample_rate": SAMPLE_RATE,
+          "fingerprint": fingerprint,
+          "counts": {s: sum(p.split == s for p in plans) for s in SPLITS},
+          "train_voices": train_voices, "heldout_voices": held_voices,
+          "rates": RATES, "pitches": PITCHES, "amplitudes": AMPLITUDES}
+  meta_path = out / "corpus.json"
+  if meta_path.exists():
+    old = json.loads(meta_path.read_text())
+    if old.get("fingerprint") == fingerprint and (out / "manifest.jsonl").exists():
+      return old
+    raise ValueError(f"{out} holds a different corpus (fingerprint {old.get('fingerprint')} != "
+                     f"{fingerprint}); choose another --out or delete it")
+  exe = espeak_binary()
+  check_voices(exe)
+  (out / "wav").mkdir(parents=True, exist_ok=True)
+  seconds: dict[str, float] = {}
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+    jobs = {pool.submit(render, p, out / "wav" / f"{p.id}.wav", exe): p for p in plans}
+    for job in tqdm(concurrent.futures.as_completed(jobs), total=len(jobs), unit="utt",
+                    desc="espeak-ng", disable=not progress):
+      seconds[jobs[job].id] = job.result()
+  with (out / "manifest.jsonl.part").open("w") as f:
+    for p in plans:
+      f.write(json.dumps({"id": p.id, "audio": f"wav/{p.id}.wav",
+                          "text": normalize_text(p.sentence), "split": p.split,
+                          "voice": p.voice, "rate": p.rate, "pitch": p.pitch,
+                          "amplitude": p.amplitude, "seconds": round(seconds[p.id], 4),
+                          "sentence": p.sentence}) + "\n")
+  os.replace(out / "manifest.jsonl.part", out / "manifest.jsonl")
+  meta["hours"] = {s: round(sum(seconds[p.id] for p in plans if p.split == s) / 3600, 3)
+                   for s in SPLITS}
+  meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+  return json.loads(meta_path.read_text())
+
+
+# ---- Reading corpora ------------------------------------------------------------------------
+
+
+class ManifestSource:
+  """A build-corpus directory, or a user's manifest: JSON lines {"audio", "text"[, "split",
+  "id"]} or TSV lines `path<TAB>transcript[<TAB>split]` (one header line allowed). Relative
+  audio paths are taken from the manifest's directory; without a split every line is `train`."""
+
+  def __init__(self, path: pathlib.Path):
+    if path.is_dir():
+      path = path / "manifest.jsonl"
+    if not path.is_file():
+      raise FileNotFoundError(f"corpus manifest not found: {path} (run `sptlm tokenizer "
+                              "build-corpus --out DIR` or set data.corpus)")
+    self.name = str(path)
+    self.root = path.parent
+    self._utts = self._read(path)
+
+  def _read(self, path: pathlib.Path) -> list[Utterance]:
+    utts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+      if not line.strip():
+        continue
+      if path.suffix == ".jsonl":
+        try:
+          row = json.loads(line)
+          audio, text = row["audio"], row["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+          raise ValueError(f"{path}:{n}: want a JSON object with 'audio' and 'text'") from None
+        utts.append(Utterance(str(row.get("id", n)), audio, normalize_text(text),
+                              row.get("split", "train"), row.get("voice", ""),
+                              float(row.get("seconds", 0.0))))
+      else:
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) < 2:
+          raise ValueError(f"{path}:{n}: want `audio path<TAB>transcript`")
+        if n == 1 and parts[0].lower() in ("path", "audio", "file", "wav"):
+          continue
+        utts.append(Utterance(str(n), parts[0], normalize_text(parts[1]),
+                              parts[2] if len(parts) > 2 else "train"))
+    return utts
+
+  def splits(self) -> list[str]:
+    return sorted({u.split for u in self._utts})
+
+  def utterances(self, split: str) -> list[Utterance]:
+    got = [u for u in self._utts if u.split == split]
+    if not got:
+      raise ValueError(f"corpus {self.name} has no utterances in split {split!r} "
+                       f"(it has: {', '.join(self.splits())})")
+    return got
+
+  def path(self, utt: Utterance) -> pathlib.Path:
+    p = pathlib.Path(utt.audio)
+    return p if p.is_absolute() else self.root / p
+
+  def load(self, utt: Utterance) -> np.ndarray:
+    """16 kHz mono float32 samples of one utterance."""
+    return audio_lib.read(self.path(utt), mix_channels=True, max_seconds=3600).samples
+
+
+def export_tfds(spec: str, out: pathlib.Path, splits: Sequence[str]) -> pathlib.Path:
+  """Writes a TFDS speech dataset (`tfds:librispeech`, features `speech` and `text`) out as
+  16 kHz WAV files plus a manifest, once; needs tensorflow-datasets and the prepared data."""
+  name = spec.removeprefix("tfds:")
+  manifest = out / "manifest.jsonl"
+  if manifest.exists():
+    return manifest
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    raise ValueError(f"data.corpus={spec!r} needs tensorflow-datasets (pip install "
+                     "tensorflow-datasets tensorflow-cpu) and the dataset prepared") from None
+  (out / "wav").mkdir(parents=True, exist_ok=True)
+  with (out / "manifest.jsonl.part").open("w") as f:
+    for split in splits:
+      try:
+        ds, info = tfds.load(name, split=split, with_info=True, download=False)
+      except Exception as e:  # noqa: BLE001 - any TFDS failure is a setup problem to report
+        raise ValueError(f"TFDS {name!r} split {split!r} is not available: "
+                         f"{str(e).splitlines()[0][:200]}") from None
+      rate = getattr(info.features["speech"], "sample_rate", SAMPLE_RATE)
+      for i, ex in enumerate(tqdm(tfds.as_numpy(ds), desc=f"export {name}:{split}")):
+        uid = f"{split}-{i:07d}"
+        x = audio_lib.prepare(ex["speech"], rate, uid, max_seconds=3600).samples
+        pcm = np.clip(np.round(x * 32767.0), -32768, 32767).astype(np.int16)
+        scipy.io.wavfile.write(out / "wav" / f"{uid}.wav", SAMPLE_RATE, pcm)
+        f.write(json.dumps({"id": uid, "audio": f"wav/{uid}.wav", "split": split,
+                            "text": normalize_text(ex["text"].decode()),
+                            "seconds": len(pcm) / SAMPLE_RATE}) + "\n")
+  os.replace(out / "manifest.jsonl.part", manifest)
+  return manifest
+
+
+def open_source(spec: str, *, cache_dir: pathlib.Path, splits: Sequence[str]) -> ManifestSource:
+  """`data.corpus` -> its manifest: a directory, a manifest file, or `tfds:NAME[/CONFIG]`
+  (exported under `cache_dir` on first use)."""
+  if spec.startswith("tfds:"):
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.removeprefix("tfds:"))
+    return ManifestSource(export_tfds(spec, cache_dir / f"tfds_{safe}", splits))
+  return ManifestSource(paths.resolve(spec))

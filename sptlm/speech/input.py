@@ -1,0 +1,162 @@
+"""Training input for the tokenizer: utterances bucketed by length, read and featurized on the
+fly (log-mel costs about 2% of a train step), batched through grain with checkpointable state.
+
+Each bucket has one padded length (data.bucket_seconds), so the step compiles once per bucket.
+A batch holds data.batch_seconds of padded audio. The batch plan (which utterances go together,
+in which order, reshuffled every epoch) is fixed by the seed, and the grain iterator's position
+in it is saved with every checkpoint: a resumed run sees exactly the batches it would have.
+
+Batch fields ([B, ...] numpy arrays, this process's rows only):
+  mel [B, 8N, M] float32 (zero past the audio), valid [B, N] int32 (1 inside the audio),
+  labels [B, N * up] int32 (CTC classes, 0-padded), label_paddings [B, N * up] float32
+  (1.0 = padding), where up = model.ctc_upsample.
+"""
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+import scipy.io.wavfile
+
+from sptlm.speech import features
+from sptlm.speech.corpus import ManifestSource, Utterance
+from sptlm.speech.units import Units, ctc_frames_needed
+
+log = logging.getLogger(__name__)
+TOKENS_PER_SECOND = features.SAMPLE_RATE / features.SAMPLES_PER_TOKEN  # 12.5
+
+
+def num_tokens(num_samples: int) -> int:
+  """Tokens of an utterance: one per started 80 ms (the tail is zero-padded, never dropped)."""
+  return -(-num_samples // features.SAMPLES_PER_TOKEN)
+
+
+def duration(source: ManifestSource, utt: Utterance) -> float:
+  """Seconds of audio: from the manifest when it says, else from the WAV header."""
+  if utt.seconds > 0:
+    return utt.seconds
+  rate, data = scipy.io.wavfile.read(source.path(utt), mmap=True)
+  return len(data) / rate
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """The usable utterances of a split with their token counts and CTC labels."""
+
+  utts: list[Utterance]
+  tokens: np.ndarray  # [U] int
+  labels: list[np.ndarray]
+  skipped_long: int
+  skipped_dense: int  # transcripts with more CTC units than CTC frames
+
+  @property
+  def hours(self) -> float:
+    return float(self.tokens.sum()) / TOKENS_PER_SECOND / 3600
+
+
+def prepare(source: ManifestSource, split: str, units: Units, max_tokens: int,
+            ctc_upsample: int = 1) -> Prepared:
+  utts, tokens, labels = [], [], []
+  long = dense = 0
+  for u in source.utterances(split):
+    n = num_tokens(round(duration(source, u) * features.SAMPLE_RATE))
+    lab = units.labels(u.text)
+    if n > max_tokens:
+      long += 1
+    elif ctc_frames_needed(lab) > n * ctc_upsample or not len(lab):
+      dense += 1
+    else:
+      utts.append(u)
+      tokens.append(n)
+      labels.append(lab)
+  if not utts:
+    raise ValueError(f"split {split!r} of {source.name} has no usable utterance ({long} longer "
+                     f"than the longest bucket, {dense} with empty or too dense transcripts)")
+  return Prepared(utts, np.asarray(tokens), labels, long, dense)
+
+
+def bucket_shapes(bucket_seconds: Sequence[float], batch_seconds: float,
+                  multiple: int) -> list[tuple[int, int]]:
+  """(batch size, tokens) per bucket; batch sizes are multiples of the data-parallel size."""
+  shapes = []
+  for sec in bucket_seconds:
+    n = max(1, round(sec * TOKENS_PER_SECOND))
+    b = max(multiple, int(batch_seconds / (n / TOKENS_PER_SECOND)) // multiple * multiple)
+    shapes.append((b, n))
+  return shapes
+
+
+def plan_batches(tokens: np.ndarray, shapes: list[tuple[int, int]], *, seed: int,
+                 epochs: int, short_first: bool = False) -> list[tuple[int, tuple[int, ...]]]:
+  """[(bucket, utterance indices)] for `epochs` epochs; each epoch reshuffled. With
+  `short_first`, the first epoch goes through the buckets from the shortest up (SortaGrad,
+  Amodei et al. 2016): CTC finds its alignments sooner on short utterances."""
+  bucket_of = np.searchsorted([n for _, n in shapes], tokens)
+  plan = []
+  for epoch in range(epochs):
+    rng = np.random.default_rng([seed, epoch])
+    batches = []
+    for k, (b, _) in enumerate(shapes):
+      members = rng.permutation(np.flatnonzero(bucket_of == k))
+      for start in range(0, len(members) - b + 1, b):  # drop the ragged end: next epoch differs
+        batches.append((k, tuple(int(i) for i in members[start:start + b])))
+    order = rng.permutation(len(batches))
+    if short_first and epoch == 0:
+      order = sorted(order, key=lambda i: batches[i][0])
+    plan.extend(batches[i] for i in order)
+  return plan
+
+
+class _Loader:
+  """Batch plan entry -> numpy batch (this process's rows)."""
+
+  def __init__(self, source: ManifestSource, data: Prepared, shapes: list[tuple[int, int]],
+               num_mels: int, ctc_upsample: int, process_index: int, process_count: int):
+    self.source, self.data, self.shapes = source, data, shapes
+    self.num_mels, self.up = num_mels, ctc_upsample
+    self.pi, self.pc = process_index, process_count
+
+  def __call__(self, entry: tuple[int, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    bucket, members = entry
+    b, n = self.shapes[bucket]
+    rows = members[self.pi * b // self.pc:(self.pi + 1) * b // self.pc]
+    return make_batch([self.source.load(self.data.utts[i]) for i in rows],
+                      [self.data.labels[i] for i in rows], n, self.num_mels, n * self.up)
+
+
+def make_batch(audios: Sequence[np.ndarray], labels: Sequence[np.ndarray], n: int,
+               num_mels: int, label_len: int) -> dict[str, np.ndarray]:
+  """Pads audio to N tokens each and featurizes in one batched call."""
+  b = len(audios)
+  samples = np.zeros((b, n * features.SAMPLES_PER_TOKEN), np.float32)
+  valid = np.zeros((b, n), np.int32)
+  lab = np.zeros((b, label_len), np.int32)
+  lab_pad = np.ones((b, label_len), np.float32)
+  for r, (x, y) in enumerate(zip(audios, labels)):
+    x = x[:n * features.SAMPLES_PER_TOKEN]
+    samples[r, :len(x)] = x
+    valid[r, :num_tokens(len(x))] = 1
+    lab[r, :len(y)] = y
+    lab_pad[r, :len(y)] = 0.0
+  mel = features.log_mel(samples, num_mels)
+  mel *= np.repeat(valid, features.FRAMES_PER_TOKEN, axis=1)[:, :, None]
+  return {"mel": mel, "valid": valid, "labels": lab, "label_paddings": lab_pad}
+
+
+def train_iterator(source: ManifestSource, data: Prepared, shapes: list[tuple[int, int]], *,
+                   steps: int, seed: int, num_mels: int, ctc_upsample: int = 1,
+                   short_first: bool = False, process_index: int = 0,
+                   process_count: int = 1) -> grain.DatasetIterator:
+  """A checkpointable iterator over `steps` (or more) batches."""
+  per_epoch = len(plan_batches(data.tokens, shapes, seed=seed, epochs=1))
+  if per_epoch == 0:
+    raise ValueError(f"{len(data.utts)} utterances do not fill one batch of any bucket; lower "
+                     "data.batch_seconds")
+  plan = plan_batches(data.tokens, shapes, seed=seed, epochs=math.ceil(steps / per_epoch) + 1,
+                      short_first=short_first)
+  loader = _Loader(source, data, shapes, num_mels, ctc_upsample, process_index, process_count)
+  ds = grain.MapDataset.source(plan).map(loader)
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))

@@ -1,0 +1,256 @@
+"""Whisper-style speech encoder with a VQ bottleneck: the 12.5 Hz supervised speech tokenizer.
+
+  log-mel [B, 8N, 128] (100 Hz)
+    -> conv1 (k3) + GELU -> conv2 (k3, stride 2) + GELU -> + sinusoids      [B, 4N, D] (50 Hz)
+    -> layers_before_vq (pre-LN transformer layers)
+    -> average pooling x4                                                     [B, N, D] (12.5 Hz)
+    -> vector quantizer (EMA codebook)           => the tokens: codes [B, N] in [0, K)
+    -> repeat x ctc_upsample + phase embedding + sinusoids
+    -> layers_after_vq -> layer_norm -> CTC head                       [B, N * up, U + 1]
+
+Tokenizing runs only up to the quantizer; the layers above it exist for the ASR loss that
+keeps the words in the tokens (and for `transcribe`).
+
+Why CTC over SentencePiece units rather than Whisper's attention decoder: CTC is one linear
+layer over the frames above the bottleneck, trains and decodes without an autoregressive loop
+(cheap on a 2-core CPU, greedy decoding is exact argmax), cannot hallucinate text the audio
+does not support, and its monotonic frame-level alignment pushes each 80 ms token to carry the
+words spoken in it. Subword units rather than letters because speech has about 15 letters a
+second; SentencePiece units average about 3 letters (about 6 units a second). CTC needs a
+frame per unit plus blanks, and learns slowly when the frames barely outnumber the units: at
+12.5 Hz with 6 units a second it sat on the all-blank plateau for hundreds of steps. So the
+layers above the bottleneck may run at `ctc_upsample` frames per token (each token repeated,
+plus a learned phase embedding); the tokens themselves stay at 12.5 Hz.
+
+Parameter names follow Hugging Face's `WhisperEncoder` (`conv1`, `conv2`, `layers.i.self_attn.
+{q,k,v,out}_proj` (k without bias), `self_attn_layer_norm`, `fc1`, `fc2`, `final_layer_norm`,
+`layer_norm`), with layers split at the quantizer as in GLM-4-Voice's tokenizer (16 + 16 of
+whisper-large-v3), so Whisper-family weights map on by transposing kernels.
+
+Legend: B batch, F mel frames (100 Hz), M mel bins, T encoder frames (50 Hz), N tokens
+(12.5 Hz), L a layer stack's length (T or N), D model, H heads, Dh head dim, E ffn, U units.
+"""
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sptlm import sharding
+from sptlm.model import attention, nnx_compat
+from sptlm.speech.config import EncoderConfig
+from sptlm.speech.vq import VectorQuantizer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+FRAMES_PER_TOKEN = 8  # 100 Hz mel frames per 12.5 Hz token (stride 2, then pool 4)
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10_000.0) -> np.ndarray:
+  """Whisper's fixed positional embedding [length, channels]."""
+  inc = math.log(max_timescale) / (channels // 2 - 1)
+  inv = np.exp(-inc * np.arange(channels // 2))
+  t = np.arange(length)[:, None] * inv[None, :]
+  return np.concatenate([np.sin(t), np.cos(t)], axis=1).astype(np.float32)
+
+
+def _param(rngs: nnx.Rngs, init, shape, names, dtype):
+  return nnx.Param(nnx_compat.init(init, names)(rngs.params(), shape, dtype))
+
+
+class Linear(nnx.Module):
+  """x @ kernel (+ bias); the kernel may have several output axes ([D, H, Dh] for q)."""
+
+  def __init__(self, in_dim: int, out_shape: tuple[int, ...], names: tuple[str | None, ...],
+               cfg: EncoderConfig, *, bias: bool, rngs: nnx.Rngs, in_axes: int = 1):
+    pdt = DTYPES[cfg.param_dtype]
+    std = cfg.init_std
+    shape = (*((in_dim,) if in_axes == 1 else in_dim), *out_shape)
+    self.in_axes = in_axes
+    self.kernel = _param(rngs, jax.nn.initializers.normal(std), shape, names, pdt)
+    if bias:
+      self.bias = _param(rngs, jax.nn.initializers.zeros, out_shape, names[in_axes:], pdt)
+    else:
+      self.bias = None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel.value.astype(x.dtype)
+    y = jnp.tensordot(x, k, axes=self.in_axes)
+    if self.bias is not None:
+      y = y + self.bias.value.astype(x.dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  def __init__(self, dim: int, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    pdt = DTYPES[cfg.param_dtype]
+    self.scale = _param(rngs, jax.nn.initializers.ones, (dim,), ("act_embed",), pdt)
+    self.bias = _param(rngs, jax.nn.initializers.zeros, (dim,), ("act_embed",), pdt)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, -1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + 1e-5)
+    return (y * self.scale.value + self.bias.value).astype(x.dtype)
+
+
+class Conv1d(nnx.Module):
+  """Whisper's stem convolution: kernel 3, 'same' padding (or only past frames, if causal)."""
+
+  def __init__(self, in_dim: int, out_dim: int, stride: int, cfg: EncoderConfig, *,
+               rngs: nnx.Rngs):
+    pdt = DTYPES[cfg.param_dtype]
+    std = 1.0 / math.sqrt(3 * in_dim)
+    self.kernel = _param(rngs, jax.nn.initializers.normal(std), (3, in_dim, out_dim),
+                         (None, None, "embed"), pdt)
+    self.bias = _param(rngs, jax.nn.initializers.zeros, (out_dim,), ("act_embed",), pdt)
+    self.stride = stride
+    self.causal = cfg.causal_stem
+
+  def __call__(self, x_BxLxC: jax.Array) -> jax.Array:
+    pad = (2, 0) if self.causal else (1, 1)
+    if self.causal and self.stride == 2:
+      pad = (1, 0)  # frame t of the output sees input frames 2t-1, 2t, 2t+1: the past and now
+    y = jax.lax.conv_general_dilated(
+        x_BxLxC, self.kernel.value.astype(x_BxLxC.dtype), (self.stride,), [pad],
+        dimension_numbers=("NWC", "WIO", "NWC"))
+    return y + self.bias.value.astype(y.dtype)
+
+
+class SelfAttention(nnx.Module):
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    d, h = cfg.d_model, cfg.num_heads
+    dh = d // h
+    qkv = ("embed", "heads", "head_dim")
+    self.q_proj = Linear(d, (h, dh), qkv, cfg, bias=True, rngs=rngs)
+    self.k_proj = Linear(d, (h, dh), qkv, cfg, bias=False, rngs=rngs)  # Whisper: no k bias
+    self.v_proj = Linear(d, (h, dh), qkv, cfg, bias=True, rngs=rngs)
+    self.out_proj = Linear((h, dh), (d,), ("heads", "head_dim", "embed"), cfg, bias=True,
+                           rngs=rngs, in_axes=2)
+
+  def __call__(self, x_BxLxD: jax.Array, mask_BxLxL: jax.Array) -> jax.Array:
+    q_BxLxHxDh = sharding.constrain(self.q_proj(x_BxLxD), ("batch", "length", "heads",
+                                                           "head_dim"))
+    out = attention.masked_attention(q_BxLxHxDh, self.k_proj(x_BxLxD), self.v_proj(x_BxLxD),
+                                     mask_BxLxL)
+    return self.out_proj(out)
+
+
+class EncoderLayer(nnx.Module):
+  """Whisper's pre-LN encoder layer: x + attn(LN(x)), then x + fc2(GELU(fc1(LN(x))))."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    d, e = cfg.d_model, cfg.d_ff
+    self.self_attn_layer_norm = LayerNorm(d, cfg, rngs=rngs)
+    self.self_attn = SelfAttention(cfg, rngs=rngs)
+    self.final_layer_norm = LayerNorm(d, cfg, rngs=rngs)
+    self.fc1 = Linear(d, (e,), ("embed", "mlp"), cfg, bias=True, rngs=rngs)
+    self.fc2 = Linear(e, (d,), ("mlp", "embed"), cfg, bias=True, rngs=rngs)
+
+  def __call__(self, x_BxLxD: jax.Array, mask_BxLxL: jax.Array) -> jax.Array:
+    x_BxLxD = x_BxLxD + self.self_attn(self.self_attn_layer_norm(x_BxLxD), mask_BxLxL)
+    h_BxLxE = jax.nn.gelu(self.fc1(self.final_layer_norm(x_BxLxD)), approximate=False)
+    h_BxLxE = sharding.constrain(h_BxLxE, ("batch", "length", "mlp"))
+    x_BxLxD = x_BxLxD + self.fc2(h_BxLxE)
+    return sharding.constrain(x_BxLxD, ("batch", "length", "act_embed"))
+
+
+class Layers(nnx.Module):
+  """A stack of encoder layers with parameters on a leading `layers` axis, run by scan."""
+
+  def __init__(self, cfg: EncoderConfig, num: int, *, rngs: nnx.Rngs):
+    self.num = num
+    if num:
+      self.stack = nnx_compat.stacked(lambda r: EncoderLayer(cfg, rngs=r), num, rngs)
+
+  def __call__(self, x_BxLxD: jax.Array, mask_BxLxL: jax.Array) -> jax.Array:
+    if not self.num:
+      return x_BxLxD
+    graphdef, state = nnx.split(self.stack)
+
+    def layer(x, layer_state):
+      return nnx.merge(graphdef, layer_state)(x, mask_BxLxL), None
+
+    x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, state)
+    return x_BxLxD
+
+
+def attention_mask(valid_BxL: jax.Array, block: int) -> jax.Array:
+  """Keys must be real frames; with block > 0, also in the query's block or an earlier one."""
+  mask = jnp.broadcast_to(valid_BxL[:, None, :], (*valid_BxL.shape, valid_BxL.shape[1]))
+  if block:
+    idx = jnp.arange(valid_BxL.shape[1]) // block
+    mask = mask & (idx[None, :, None] >= idx[None, None, :])
+  return mask
+
+
+class Encoded(NamedTuple):
+  h_BxNxD: jax.Array  # pooled encoder output: what the quantizer sees
+  valid_BxN: jax.Array  # bool: the token is inside the audio
+
+
+class SpeechTokenizerModel(nnx.Module):
+  def __init__(self, cfg: EncoderConfig, codebook_size: int, units: int, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d = cfg.d_model
+    self.conv1 = Conv1d(cfg.num_mels, d, 1, cfg, rngs=rngs)
+    self.conv2 = Conv1d(d, d, 2, cfg, rngs=rngs)
+    self.layers_before_vq = Layers(cfg, cfg.layers_before_vq, rngs=rngs)
+    self.vq = VectorQuantizer(codebook_size, d, rngs=rngs)
+    if cfg.ctc_upsample > 1:
+      self.upsample_phase = _param(rngs, jax.nn.initializers.normal(cfg.init_std),
+                                   (cfg.ctc_upsample, d), (None, "act_embed"),
+                                   DTYPES[cfg.param_dtype])
+    self.layers_after_vq = Layers(cfg, cfg.layers_after_vq, rngs=rngs)
+    self.layer_norm = LayerNorm(d, cfg, rngs=rngs)
+    self.ctc_head = Linear(d, (units + 1,), ("embed", "vocab"), cfg, bias=True, rngs=rngs)
+
+  @property
+  def block_tokens(self) -> int:
+    return round(self.cfg.block_causal_seconds * 12.5 * 4 / self.cfg.pool)
+
+  def encode(self, mel_BxFxM: jax.Array, valid_BxN: jax.Array) -> Encoded:
+    """Features -> pooled, unquantized encoder output at 12.5 Hz. F = 8 N."""
+    cfg = self.cfg
+    dt = DTYPES[cfg.dtype]
+    b, n = valid_BxN.shape
+    x = jax.nn.gelu(self.conv1(mel_BxFxM.astype(dt)), approximate=False)
+    x_BxTxD = jax.nn.gelu(self.conv2(x), approximate=False)
+    t = x_BxTxD.shape[1]
+    x_BxTxD = x_BxTxD + jnp.asarray(sinusoids(t, cfg.d_model), dt)
+    x_BxTxD = sharding.constrain(x_BxTxD, ("batch", "length", "act_embed"))
+    per_token = cfg.pool
+    valid_BxT = jnp.repeat(valid_BxN, per_token, axis=1)
+    x_BxTxD = self.layers_before_vq(x_BxTxD, attention_mask(valid_BxT,
+                                                            self.block_tokens * per_token))
+    h_BxNxD = x_BxTxD.reshape(b, n, per_token, cfg.d_model).mean(axis=2)
+    return Encoded(h_BxNxD, valid_BxN)
+
+  def tokenize(self, mel_BxFxM: jax.Array, valid_BxN: jax.Array) -> jax.Array:
+    """Features -> codes [B, N] (padding positions hold arbitrary codes)."""
+    return self.vq.nearest(self.encode(mel_BxFxM, valid_BxN).h_BxNxD)
+
+  def ctc_logits(self, q_BxNxD: jax.Array, valid_BxN: jax.Array) -> jax.Array:
+    """Quantized vectors -> CTC logits [B, N * up, U + 1] (float32); blank is 0."""
+    cfg = self.cfg
+    dt = DTYPES[cfg.dtype]
+    up = cfg.ctc_upsample
+    b, n, d = q_BxNxD.shape
+    x = q_BxNxD.astype(dt)
+    if up > 1:  # [B, N, D] -> [B, N * up, D]: each token once per CTC frame, phase-marked
+      x = (x[:, :, None, :] + self.upsample_phase.value.astype(dt)).reshape(b, n * up, d)
+    x = x + jnp.asarray(sinusoids(n * up, d), dt)
+    mask = attention_mask(jnp.repeat(valid_BxN, up, axis=1), self.block_tokens * up)
+    x = self.layers_after_vq(x, mask)
+    return self.ctc_head(self.layer_norm(x)).astype(jnp.float32)
+
+  def logits_from_codes(self, codes_BxN: jax.Array, valid_BxN: jax.Array) -> jax.Array:
+    """`transcribe --tokens`: stored codes -> CTC logits, without any audio."""
+    return self.ctc_logits(self.vq.lookup(codes_BxN), valid_BxN)
+
+
+def build(cfg: EncoderConfig, codebook_size: int, units: int, seed: int) -> SpeechTokenizerModel:
+  return SpeechTokenizerModel(cfg, codebook_size, units, rngs=nnx.Rngs(params=seed))

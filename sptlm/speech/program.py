@@ -1,0 +1,176 @@
+"""What a tokenizer run compiles: the state and its shardings, the loss, the jitted train step,
+and the inference functions (tokens from features, CTC logits from tokens).
+
+State: {"step", "params" (nnx.Param, trained by optax), "opt_state", "vq" (the EMA codebook:
+updated inside the step, never by gradients)}.
+
+Loss per batch: CTC (per label unit) + vq.commitment_weight * commitment (per token).
+Metrics: loss, loss_ctc, loss_commit, grad_norm, lr, code_usage (fraction of codes used within
+the last vq.restart_after steps), code_perplexity (of this batch's codes), codes_restarted,
+tokens (real 12.5 Hz tokens).
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sptlm import sharding
+from sptlm.model import nnx_compat
+from sptlm.speech import model as model_lib
+from sptlm.speech import vq as vq_lib
+from sptlm.speech.config import SpeechTokenizerConfig
+from sptlm.train import optimizer as optimizer_lib
+
+BATCH_NAMES = {"mel": ("batch", None, None), "valid": ("batch", None),
+               "labels": ("batch", None), "label_paddings": ("batch", None)}
+
+
+def make_model(cfg: SpeechTokenizerConfig, units: int) -> model_lib.SpeechTokenizerModel:
+  return model_lib.build(cfg.model, cfg.vq.codebook_size, units, cfg.train.seed)
+
+
+def split_graphdef(model: nnx.Module) -> nnx.GraphDef:
+  return nnx.split(model, nnx.Param, vq_lib.CodebookState)[0]
+
+
+def split(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict]:
+  graphdef, params, vq = nnx.split(model, nnx.Param, vq_lib.CodebookState)
+  return graphdef, params.to_pure_dict(), vq.to_pure_dict()
+
+
+def loss_fn(params: dict, vq_state: dict, graphdef: nnx.GraphDef, batch: dict[str, jax.Array],
+            commitment_weight: float,
+            quantize: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """CTC + commitment; before vq.warmup_steps (`quantize` false) the layers above the
+  bottleneck see the unquantized encoder output while the codebook already follows it."""
+  model = nnx.merge(graphdef, params, vq_state)
+  valid_BxN = batch["valid"] > 0
+  enc = model.encode(batch["mel"], valid_BxN)
+  out = model.vq(enc.h_BxNxD)
+  above_BxNxD = jnp.where(quantize, out.quantized_BxNxD, enc.h_BxNxD)
+  logits_BxNxU = model.ctc_logits(above_BxNxD, valid_BxN)
+  frames_valid = jnp.repeat(valid_BxN, model.cfg.ctc_upsample, axis=1)
+  ctc_B = optax.ctc_loss(logits_BxNxU, 1.0 - frames_valid.astype(jnp.float32), batch["labels"],
+                         batch["label_paddings"], blank_id=0)
+  n_labels = jnp.maximum(jnp.sum(1.0 - batch["label_paddings"]), 1.0)
+  w_BxN = valid_BxN.astype(jnp.float32)
+  n_tokens = jnp.maximum(jnp.sum(w_BxN), 1.0)
+  loss_ctc = jnp.sum(ctc_B) / n_labels
+  loss_commit = jnp.sum(out.commitment_BxN * w_BxN) / n_tokens
+  loss = loss_ctc + commitment_weight * loss_commit
+  aux = {"loss_ctc": loss_ctc, "loss_commit": loss_commit, "h": enc.h_BxNxD,
+         "codes": out.codes_BxN, "tokens": jnp.sum(w_BxN)}
+  return loss, aux
+
+
+def make_train_step(cfg: SpeechTokenizerConfig, graphdef: nnx.GraphDef,
+                    optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable[[dict, dict], tuple[dict, dict]]:
+  v = cfg.vq
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  base_key = jax.random.key(cfg.train.seed)
+
+  def train_step(state: dict, batch: dict[str, jax.Array]) -> tuple[dict, dict]:
+    params, vq_state, step = state["params"], state["vq"], state["step"]
+    (loss, aux), grads = grad_fn(params, vq_state, graphdef, batch, v.commitment_weight,
+                                 step >= v.warmup_steps)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    params = optax.apply_updates(params, updates)
+    new_vq, stats = vq_lib.ema_update(
+        vq_state["vq"], aux["h"], aux["codes"], batch["valid"], decay=v.ema_decay,
+        restart_after=v.restart_after, key=jax.random.fold_in(base_key, step))
+    metrics = {"loss": loss, "loss_ctc": aux["loss_ctc"], "loss_commit": aux["loss_commit"],
+               "grad_norm": grad_norm, "lr": schedule(step), "code_usage": stats.usage,
+               "code_perplexity": stats.perplexity, "codes_restarted": stats.restarted,
+               "tokens": aux["tokens"]}
+    return {"step": step + 1, "params": params, "opt_state": opt_state,
+            "vq": {"vq": new_vq}}, metrics
+
+  return train_step
+
+
+@dataclasses.dataclass
+class Program:
+  cfg: SpeechTokenizerConfig
+  mesh: Mesh
+  graphdef: nnx.GraphDef
+  abstract_state: Any
+  state_sharding: Any
+  batch_sharding: dict[str, NamedSharding]
+  init: Callable[[], dict]
+  step: Any
+  num_params: int
+
+  def global_batch(self, local: dict[str, Any]) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding[k], local[k])
+            for k in BATCH_NAMES}
+
+
+def _shardings(mesh: Mesh, rules, state: Any) -> Any:
+  names = nnx_compat.param_names(state)
+  return jax.tree.map(lambda n: sharding.named(mesh, rules, n), names,
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def build(cfg: SpeechTokenizerConfig, mesh: Mesh, units: int) -> Program:
+  rules = cfg.mesh.rules
+  abstract_model = nnx.eval_shape(lambda: make_model(cfg, units))
+  graphdef, abstract_params, abstract_vq = nnx.split(abstract_model, nnx.Param,
+                                                     vq_lib.CodebookState)
+  param_sharding = _shardings(mesh, rules, abstract_params)
+  vq_sharding = _shardings(mesh, rules, abstract_vq)
+  opt = optimizer_lib.make(cfg.train)
+  sched = optimizer_lib.schedule(cfg.train)
+  pure_params = abstract_params.to_pure_dict()
+  abstract_opt = jax.eval_shape(opt.init, pure_params)
+  replicated = NamedSharding(mesh, P())
+  opt_sharding = optax.tree_map_params(opt, lambda _, s: s, abstract_opt, param_sharding,
+                                       transform_non_params=lambda _: replicated)
+  state_sharding = {"step": replicated, "params": param_sharding, "opt_state": opt_sharding,
+                    "vq": vq_sharding}
+  abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": pure_params,
+              "opt_state": abstract_opt, "vq": abstract_vq.to_pure_dict()}
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+
+  def init() -> dict:
+    _, params, vq_state = split(make_model(cfg, units))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt.init(params),
+            "vq": vq_state}
+
+  batch_sharding = {k: sharding.named(mesh, rules, n) for k, n in BATCH_NAMES.items()}
+  train_step = make_train_step(cfg, graphdef, opt, sched)
+
+  def step_in_mesh(state, batch):
+    with sharding.logical_rules(mesh, rules):
+      return train_step(state, batch)
+
+  jitted = jax.jit(step_in_mesh, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, replicated), donate_argnums=0)
+  num_params = sum(x.size for x in jax.tree.leaves(pure_params))
+  return Program(cfg, mesh, graphdef, abstract_state, state_sharding, batch_sharding,
+                 jax.jit(init, out_shardings=state_sharding), jitted, num_params)
+
+
+# ---- Inference ------------------------------------------------------------------------------
+
+
+def make_inference(graphdef: nnx.GraphDef) -> tuple[Callable, Callable]:
+  """(tokenize(params, vq, mel, valid) -> codes, logits(params, vq, codes, valid) -> logits)."""
+
+  @jax.jit
+  def tokenize(params, vq_state, mel_BxFxM, valid_BxN):
+    return nnx.merge(graphdef, params, vq_state).tokenize(mel_BxFxM, valid_BxN > 0)
+
+  @jax.jit
+  def logits(params, vq_state, codes_BxN, valid_BxN):
+    return nnx.merge(graphdef, params, vq_state).logits_from_codes(codes_BxN, valid_BxN > 0)
+
+  return tokenize, logits

@@ -1,0 +1,103 @@
+"""build-corpus: real espeak-ng speech, deterministic for a seed, held-out sentences and voices
+never used in training; manifests users bring."""
+
+import hashlib
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+import scipy.io.wavfile
+
+from sptlm.speech import corpus
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None,
+                                reason="espeak-ng is not installed (scripts/setup.sh)")
+
+SENTENCES = """First Citizen:
+Before we proceed any further, hear me speak.
+
+All:
+Speak, speak. You are all resolved rather to die than to famish.
+We know it. Let us kill him, and we will have corn at our own price.
+Is it a verdict? No more talking on it; let it be done: away, away!
+One word, good citizens. We are accounted poor citizens, the patricians good.
+What authority surfeits on would relieve us. If they would yield us but the superfluity,
+while it were wholesome, we might guess they relieved us humanely.
+"""
+
+
+def _digest(out: pathlib.Path) -> dict[str, str]:
+  return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted((out / "wav").iterdir())}
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> pathlib.Path:
+  path = tmp_path_factory.mktemp("text") / "plays.txt"
+  path.write_text(SENTENCES)
+  return path
+
+
+def test_sentences_skip_speaker_lines_and_odd_text(text):
+  sents = corpus.read_sentences(text)
+  assert "Before we proceed any further, hear me speak." in sents
+  assert not any(s.endswith(":") and len(s.split()) == 1 for s in sents)
+  assert all(3 <= len(s.split()) <= 14 for s in sents)
+  got = corpus.normalize_text("Is it a verdict? 'Tis done: away!")
+  assert got == "is it a verdict tis done away"
+
+
+def test_build_is_deterministic_with_disjoint_heldout_splits(text, tmp_path):
+  kwargs = dict(texts=[text], num_train=6, num_test=3, heldout_variants=5, workers=2,
+                progress=False)
+  a = corpus.build_corpus(tmp_path / "a", seed=7, **kwargs)
+  b = corpus.build_corpus(tmp_path / "b", seed=7, **kwargs)
+  assert a["fingerprint"] == b["fingerprint"]
+  assert (tmp_path / "a" / "manifest.jsonl").read_text() == \
+      (tmp_path / "b" / "manifest.jsonl").read_text()
+  assert _digest(tmp_path / "a") == _digest(tmp_path / "b")  # the same bytes
+  c = corpus.build_corpus(tmp_path / "c", seed=8, **kwargs)
+  assert c["fingerprint"] != a["fingerprint"]
+  assert corpus.build_corpus(tmp_path / "a", seed=7, **kwargs) == a  # a finished build is kept
+  with pytest.raises(ValueError, match="different corpus"):
+    corpus.build_corpus(tmp_path / "a", seed=8, **kwargs)
+
+  rows = [json.loads(line) for line in (tmp_path / "a" / "manifest.jsonl").read_text().splitlines()]
+  assert a["counts"] == {"train": 6, "test": 3, "test_voices": 3}
+  by = {s: [r for r in rows if r["split"] == s] for s in corpus.SPLITS}
+  assert not {r["text"] for r in by["train"]} & {r["text"] for r in by["test"]}
+  assert {r["text"] for r in by["test"]} == {r["text"] for r in by["test_voices"]}
+  heldout = set(a["heldout_voices"])
+  assert not heldout & set(a["train_voices"])
+  variant = lambda v: v.split("+")[1]  # noqa: E731
+  assert not {variant(v) for v in heldout} & {variant(v) for v in a["train_voices"]}
+  assert all(r["voice"] in heldout for r in by["test_voices"])
+  assert all(r["voice"] in a["train_voices"] for r in by["train"] + by["test"])
+  for r in rows:  # real speech: 16 kHz mono, not silent, the length the manifest says
+    rate, pcm = scipy.io.wavfile.read(tmp_path / "a" / r["audio"])
+    assert rate == 16_000 and pcm.ndim == 1 and pcm.dtype == np.int16
+    assert np.abs(pcm).max() > 1000 and len(pcm) / rate == pytest.approx(r["seconds"], abs=1e-3)
+    assert 0.5 < r["seconds"] < 15
+
+
+def test_user_manifests_jsonl_and_tsv(tmp_path):
+  wav = tmp_path / "x.wav"
+  scipy.io.wavfile.write(wav, 8000, np.zeros(8000, np.int16))
+  (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "x.wav", "text": "Hello, World!"}) + "\n")
+  (tmp_path / "m.tsv").write_text(f"path\ttranscript\n{wav}\tHello there\tdev\n")
+  src = corpus.open_source(str(tmp_path / "m.jsonl"), cache_dir=tmp_path, splits=["train"])
+  (u,) = src.utterances("train")
+  assert u.text == "hello world" and src.load(u).shape == (16_000,)  # resampled to 16 kHz
+  src = corpus.open_source(str(tmp_path / "m.tsv"), cache_dir=tmp_path, splits=["dev"])
+  assert [u.text for u in src.utterances("dev")] == ["hello there"]
+  with pytest.raises(ValueError, match="no utterances in split 'train'"):
+    src.utterances("train")
+  with pytest.raises(FileNotFoundError, match="build-corpus"):
+    corpus.open_source(str(tmp_path / "nope"), cache_dir=tmp_path, splits=["train"])
+  try:
+    import tensorflow_datasets  # noqa: F401
+  except ImportError:
+    with pytest.raises(ValueError, match="tensorflow-datasets"):
+      corpus.open_source("tfds:librispeech", cache_dir=tmp_path, splits=["train"])

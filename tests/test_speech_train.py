@@ -1,0 +1,201 @@
+"""`sptlm tokenizer train / encode / transcribe` end to end on a tiny espeak-ng corpus: the loss
+falls, an interrupted run resumes with identical losses, and batch jobs survive bad inputs."""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import scipy.io.wavfile
+import scipy.signal
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "speech_tokenizer_tiny.py")
+SENTENCES = [
+    "the cat sat on the mat", "a dog ran in the park", "we will go home now",
+    "she sells sea shells", "the sun is hot today", "he reads a good book",
+    "they play in the snow", "the bird sings a song", "my hat is red and blue",
+    "you can see the sea", "the man has a big car", "it is time to eat",
+]
+TINY = ["--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.d_ff=64",
+        "--config.model.layers_before_vq=1", "--config.model.layers_after_vq=1",
+        "--config.vq.codebook_size=32", "--config.vq.restart_after=5", "--config.asr.units=40",
+        "--config.data.bucket_seconds=(3.84,)", "--config.data.batch_seconds=32.0",
+        "--config.data.eval_splits=()", "--config.train.warmup_steps=2",
+        "--config.train.learning_rate=0.003", "--config.train.log_every=1",
+        "--config.train.checkpoint_every=100", "--config.mesh.data=1"]
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None,
+                                reason="espeak-ng is not installed (scripts/setup.sh)")
+
+
+def _entry_point() -> list[str]:
+  """`sptlm tokenizer ...` through sptlm.cli once it registers the command group."""
+  from sptlm import cli
+  try:
+    cli.build_parser().parse_args(["tokenizer", "train", "--help"])
+  except SystemExit as e:
+    if e.code == 0:
+      return [sys.executable, "-m", "sptlm.cli"]
+  return [sys.executable, "-m", "sptlm.speech.cli"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+  cache = tmp_path_factory.mktemp("jax_cache")  # later runs reuse the first run's compilation
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+              JAX_COMPILATION_CACHE_DIR=str(cache),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+  return subprocess.Popen([*_entry_point(), "tokenizer", *args], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _run(args: list[str], env: dict[str, str], code: int = 0) -> tuple[str, str]:
+  proc = _start(args, env)
+  out, err = proc.communicate(timeout=900)
+  assert proc.returncode == code, err[-3000:]
+  return out, err
+
+
+def _metrics(workdir: pathlib.Path) -> list[dict]:
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [r for r in rows if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory, env) -> pathlib.Path:
+  root = tmp_path_factory.mktemp("speech")
+  text = root / "sentences.txt"
+  text.write_text("\n\n".join(s.capitalize() + "." for s in SENTENCES) + "\n")
+  out = root / "corpus"
+  _run(["build-corpus", "--out", str(out), "--text", str(text), "--no-default-text",
+        "--train", "10", "--test", "2", "--heldout-variants", "4", "--seed", "1"], env)
+  return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus_dir, env) -> pathlib.Path:
+  workdir = tmp_path_factory.mktemp("run")
+  _run(["train", "--config", CONFIG, "--workdir", str(workdir),
+        f"--config.data.corpus={corpus_dir}", "--config.train.steps=40", *TINY], env)
+  return workdir
+
+
+def test_training_lowers_the_loss(trained):
+  rows = _metrics(trained)
+  assert [r["step"] for r in rows] == list(range(1, 41))
+  first = np.mean([r["loss_ctc"] for r in rows[:3]])
+  last = np.mean([r["loss_ctc"] for r in rows[-3:]])
+  assert last < first - 1.0, (first, last)
+  for key in ("loss", "loss_commit", "grad_norm", "lr", "code_usage", "code_perplexity",
+              "tokens_per_s"):
+    assert np.isfinite(rows[-1][key]), key
+  assert rows[0]["codes_restarted"] > 0  # step 0 seeds the codebook from data
+  assert (trained / "checkpoints" / "40").is_dir() and (trained / "asr_units.model").is_file()
+  assert json.loads((trained / "config.json").read_text())["kind"] == "speech_tokenizer"
+
+
+def test_sigterm_then_restart_gives_identical_losses(tmp_path, corpus_dir, env):
+  args = ["train", "--config", CONFIG, f"--config.data.corpus={corpus_dir}",
+          "--config.train.steps=14", *TINY]
+  _run([*args, "--workdir", str(tmp_path / "straight")], env)
+  straight = _metrics(tmp_path / "straight")
+
+  workdir = tmp_path / "preempted"
+  proc = _start([*args, "--workdir", str(workdir)], env)
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    path = workdir / "metrics.jsonl"
+    if path.exists() and len(path.read_text().splitlines()) >= 4:
+      break
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
+  assert "SIGTERM received" in out + err
+  saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert saved and max(saved) < 14
+  _run([*args, "--workdir", str(workdir)], env)
+  resumed = _metrics(workdir)
+  assert [r["step"] for r in resumed] == list(range(1, 15))
+  assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+  assert [r["code_perplexity"] for r in resumed] == [r["code_perplexity"] for r in straight]
+
+
+def test_bad_config_key_is_a_one_line_error(corpus_dir, env, tmp_path):
+  _, err = _run(["train", "--config", CONFIG, "--workdir", str(tmp_path),
+                 "--config.vq.codebok_size=3"], env, code=1)
+  assert err.strip().splitlines()[-1].startswith("sptlm tokenizer: error:")
+  assert "vq.codebok_size" in err and "Traceback" not in err
+
+
+def _wav(path: pathlib.Path, x: np.ndarray, rate: int = 16_000) -> str:
+  scipy.io.wavfile.write(path, rate, x)
+  return str(path)
+
+
+def test_encode_and_transcribe_batch_jobs_survive_bad_inputs(trained, corpus_dir, env, tmp_path):
+  speech = sorted((corpus_dir / "wav").iterdir())[0]
+  rate, pcm = scipy.io.wavfile.read(speech)
+  files = [
+      str(speech),
+      _wav(tmp_path / "silent.wav", np.zeros(16_000, np.int16)),
+      _wav(tmp_path / "short.wav", pcm[:800]),  # 50 ms
+      _wav(tmp_path / "stereo.wav", np.stack([pcm, pcm], 1)),
+      str(tmp_path / "missing.wav"),
+      str(tmp_path / "notes.wav"),
+      _wav(tmp_path / "44k.wav", scipy.signal.resample_poly(pcm, 441, 160).astype(np.int16),
+           44_100),
+      _wav(tmp_path / "long.wav", np.tile(pcm, 20)),  # chunked: above model.max_seconds
+  ]
+  (tmp_path / "notes.wav").write_text("hello")
+  out_file = tmp_path / "tokens.jsonl"
+  _, err = _run(["encode", "--workdir", str(trained), "--output", str(out_file), *files], env,
+                code=1)
+  rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+  assert [r["audio"] for r in rows] == files  # every input, in order
+  errors = {pathlib.Path(r["audio"]).name: r["error"] for r in rows if "error" in r}
+  assert set(errors) == {"short.wav", "stereo.wav", "missing.wav", "notes.wav"}
+  assert "too short" in errors["short.wav"] and "2 channels" in errors["stereo.wav"]
+  assert "not a WAV" in errors["notes.wav"] and "no such file" in errors["missing.wav"]
+  assert "4 of 8 inputs failed" in err and "Traceback" not in err
+  ok = {pathlib.Path(r["audio"]).name: r for r in rows if "error" not in r}
+  n = len(pcm)
+  assert len(ok[speech.name]["tokens"]) == -(-n // 1280)  # 12.5 tokens per second
+  assert abs(len(ok["44k.wav"]["tokens"]) - len(ok[speech.name]["tokens"])) <= 1  # resampled
+  assert len(ok["long.wav"]["tokens"]) == -(-20 * n // 1280)
+  assert "silent" in ok["silent.wav"]["warning"]
+
+  # Resume: a killed job left a torn line; lines written stay, finished inputs are skipped.
+  kept = out_file.read_text().splitlines()[:2]
+  out_file.write_text("\n".join(kept) + "\n" + '{"audio": "torn')
+  _, err = _run(["encode", "--workdir", str(trained), "--output", str(out_file),
+                 "--mix-channels", *files], env, code=1)
+  lines = out_file.read_text().splitlines()
+  assert lines[:2] == kept
+  again = [json.loads(line)["audio"] for line in lines[2:]]
+  assert str(speech) not in again and files[1] not in again  # done before: skipped
+  assert files[3] in again  # stereo now mixed to mono
+  assert "3 of 6 inputs failed" in err
+
+  text_file = tmp_path / "text.jsonl"
+  _run(["transcribe", "--workdir", str(trained), "--tokens", str(out_file), "--output",
+        str(text_file)], env, code=1)  # the error lines of the token file stay errors
+  texts = [json.loads(line) for line in text_file.read_text().splitlines()]
+  assert [t["index"] for t in texts] == list(range(len(lines)))
+  assert all(isinstance(t.get("text", t.get("error")), str) for t in texts)
+  out, _ = _run(["transcribe", "--workdir", str(trained), str(speech)], env)
+  (row,) = [json.loads(line) for line in out.splitlines()]
+  assert row["audio"] == str(speech) and isinstance(row["text"], str)
+  _, err = _run(["encode", "--workdir", str(tmp_path / "nowhere"), str(speech)], env, code=1)
+  assert "not a tokenizer work directory" in err.strip().splitlines()[-1]
