@@ -53,6 +53,8 @@ def plan_windows(num: int, window: int, context: int, item: int = 0,
                  align: int = 1) -> list[Window]:
   """Pieces of at most `window - 2 * context` tokens that partition [0, num), each with up to
   `context` tokens of context on each side (starts aligned to `align` tokens)."""
+  if num == 0:
+    return []
   if num <= window:
     return [Window(item, 0, num, 0, num)]
   step = (window - 2 * context) // align * align

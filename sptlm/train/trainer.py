@@ -125,6 +125,7 @@ def train(cfg: Config, workdir: str) -> dict[str, Any]:
   # ---- Mesh --------------------------------------------------------------------------------
   mesh = sharding.make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp,
                              "tensor": cfg.mesh.tensor})
+  stop = _StopSignal(mesh)  # from here on, a preemption during start-up also ends in a checkpoint
 
   # ---- Input -------------------------------------------------------------------------------
   data_iter, stats = text_input.corpus_batches(
@@ -158,7 +159,6 @@ def train(cfg: Config, workdir: str) -> dict[str, Any]:
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step)
 
   # ---- Loop --------------------------------------------------------------------------------
-  stop = _StopSignal(mesh)
   bar = tqdm(total=tcfg.steps, initial=start_step, disable=not is_main, unit="step",
              dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
   pending: tuple[int, Any] | None = None  # (step number, device metrics) not yet fetched
