@@ -366,14 +366,9 @@ PARAM_RANGES: dict[str, tuple[float, float]] = {
     "lm_1b": (0.9e9, 1.6e9),
     "lm_150m": (1.2e8, 2.2e8),
 }
-# Configs whose count is known to miss its range: fix the config, then drop the entry.
-KNOWN_OFF: dict[str, str] = {}  # config stem -> why its count is off (xfail until fixed)
 
 
-def test_config_builds_abstractly(config_path: pathlib.Path,
-                                  request: pytest.FixtureRequest) -> None:
-  if config_path.stem in KNOWN_OFF:
-    request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_OFF[config_path.stem]))
+def test_config_builds_abstractly(config_path: pathlib.Path) -> None:
   cfg = config.load(config_path)
   vocab_size = Vocabulary(cfg.vocab.text_size, cfg.vocab.speech_size).size
   model = nnx.eval_shape(lambda: transformer.build(cfg.model, vocab_size, 0))
