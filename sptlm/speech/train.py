@@ -1,27 +1,25 @@
 """`sptlm tokenizer train`: the speech tokenizer's training loop, top to bottom.
 
-Mesh -> ASR units -> input -> program -> restore or init -> loop, with the LM trainer's own
-pieces: `Checkpointer` (state, grain iterator and config; corrupt-checkpoint fallback),
-`MetricsWriter` (DIR/metrics.jsonl + TensorBoard), `optimizer.make`, the logical-axis mesh,
-SIGTERM handling and the non-finite-loss stop. A resumed run sees exactly the batches, dead-
-code restarts (keyed by step) and losses of an uninterrupted one.
+Mesh -> stop signal -> ASR units -> input -> program -> restore or init -> summary -> loop,
+with the LM trainer's own pieces: its loop (sptlm.train.loop: resume, `Checkpointer` with the
+corrupt-checkpoint fallback, `MetricsWriter` to DIR/metrics.jsonl + TensorBoard, SIGTERM
+handling and the non-finite-loss stop), `optimizer.make` and the logical-axis mesh. A resumed
+run sees exactly the batches, dead-code restarts (keyed by step) and losses of an
+uninterrupted one.
 
 metrics.jsonl rows: step, loss, loss_ctc, loss_commit, grad_norm, lr, code_usage,
 code_perplexity, codes_restarted, tokens_per_s (12.5 Hz tokens of real audio per second),
 and every data.eval_every steps wer_<split> for each of data.eval_splits.
 """
 
-import logging
 import math
 import pathlib
 import tempfile
-import time
 from typing import Any
 
 import jax
 import numpy as np
 from etils import epath
-from tqdm import tqdm
 
 from sptlm import paths, sharding
 from sptlm.speech import config as config_lib
@@ -33,10 +31,9 @@ from sptlm.speech import wer as wer_lib
 from sptlm.speech.config import SpeechTokenizerConfig
 from sptlm.speech.tokenizer import UNITS_FILE, SpeechTokenizer
 from sptlm.train import checkpoint as checkpoint_lib
-from sptlm.train import metrics as metrics_lib
-from sptlm.train.trainer import TrainingError, _StopSignal
-
-log = logging.getLogger(__name__)
+from sptlm.train import loop
+from sptlm.train.loop import TrainingError
+from sptlm.train.stop import StopSignal
 
 
 def _units(cfg: SpeechTokenizerConfig, source: corpus_lib.ManifestSource,
@@ -114,14 +111,12 @@ def train(cfg: SpeechTokenizerConfig, workdir: str) -> dict[str, Any]:
   """Trains until train.steps (or a stop signal); returns the last logged metrics."""
   tcfg, dcfg = cfg.train, cfg.data
   wd = epath.Path(workdir)
-  is_main = jax.process_index() == 0
-  if is_main:
-    wd.mkdir(parents=True, exist_ok=True)
-    (wd / "config.json").write_text(config_lib.to_json(cfg))
+  loop.write_config(workdir, config_lib.to_json(cfg))
 
   # ---- Mesh --------------------------------------------------------------------------------
   mesh = sharding.make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp,
                              "tensor": cfg.mesh.tensor})
+  stop = StopSignal(mesh)  # from here on, a preemption during start-up also ends in a checkpoint
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
 
   # ---- Input -------------------------------------------------------------------------------
@@ -146,52 +141,22 @@ def train(cfg: SpeechTokenizerConfig, workdir: str) -> dict[str, Any]:
   # ---- Restore or initialise ---------------------------------------------------------------
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=tcfg.keep_checkpoints,
                                      async_save=tcfg.async_checkpoints)
-  restored = ckpt.restore(program.abstract_state, data_iter)
-  if restored is not None:
-    start_step, state = restored
-    log.info("resuming from checkpoint at step %d", start_step)
-  else:
-    start_step, state = 0, program.init()
-    if tcfg.init_from:
-      src = checkpoint_lib.Checkpointer(tcfg.init_from, keep=2, async_save=False)
-      step = src.latest_step()
-      if step is None:
-        raise TrainingError(f"train.init_from={tcfg.init_from!r} holds no checkpoint")
-      loaded = src.restore_state(step, program.abstract_state)
-      state = dict(state, params=loaded["params"], vq=loaded["vq"])
-  if is_main:
+  start_step, state = loop.restore_or_init(ckpt, program, data_iter, tcfg.init_from,
+                                           ("params", "vq"))
+
+  # ---- Summary -----------------------------------------------------------------------------
+  if jax.process_index() == 0:
     print(_summary(cfg, program, data, shapes, workdir, start_step), flush=True)
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step if start_step else None)
 
   # ---- Loop --------------------------------------------------------------------------------
-  stop = _StopSignal(mesh)
-  bar = tqdm(total=tcfg.steps, initial=start_step, disable=not is_main, unit="step",
-             dynamic_ncols=True)
-  pending: tuple[int, Any] | None = None
-  last: dict[str, Any] = {}
-  window = {"t": time.perf_counter(), "tokens": 0.0}
-  last_good = start_step
+  def report(m: loop.Metrics, rate: float) -> tuple[dict[str, Any], dict[str, str]]:
+    """rate: 12.5 Hz tokens of real audio per second; audio_x: seconds of audio per second."""
+    row = {k: m[k] for k in ("loss", "loss_ctc", "loss_commit", "grad_norm", "lr",
+                             "code_usage", "code_perplexity", "codes_restarted")}
+    row["tokens_per_s"] = rate
+    return row, {"loss": f"{float(m['loss']):.3f}", "audio_x": f"{rate / 12.5:.1f}"}
 
-  def finish(step_number: int, device_metrics: Any) -> None:
-    """Fetches a step's metrics, stops on a non-finite loss, logs every log_every steps."""
-    m = jax.device_get(device_metrics)
-    if not math.isfinite(float(m["loss"])):
-      raise TrainingError(
-          f"loss is {float(m['loss'])} at step {step_number}; stopping. The last good "
-          f"checkpoint (step {last_good}) is intact: lower train.learning_rate or check the "
-          "data, then rerun the same command to resume from it")
-    window["tokens"] += float(m["tokens"])
-    if step_number % tcfg.log_every == 0 or step_number == tcfg.steps:
-      rate = window["tokens"] / max(time.perf_counter() - window["t"], 1e-9)
-      row = {k: m[k] for k in ("loss", "loss_ctc", "loss_commit", "grad_norm", "lr",
-                               "code_usage", "code_perplexity", "codes_restarted")}
-      row["tokens_per_s"] = rate
-      writer.write(step_number, row)
-      bar.set_postfix(loss=f"{float(m['loss']):.3f}", audio_x=f"{rate / 12.5:.1f}")
-      window.update(t=time.perf_counter(), tokens=0.0)
-      last.update(row, step=step_number)
-
-  def run_eval(step_number: int) -> None:
+  def run_eval(step: int, state: loop.State) -> dict[str, float]:
     tok = SpeechTokenizer(cfg, units, jax.device_get(state["params"]),
                           jax.device_get(state["vq"]))
     row = {}
@@ -199,51 +164,9 @@ def train(cfg: SpeechTokenizerConfig, workdir: str) -> dict[str, Any]:
       result = evaluate(tok, source, utts)
       row[f"wer_{split}"] = result["wer"]
       row[f"code_usage_{split}"] = result["code_usage"]
-    writer.write(step_number, row)
-    tqdm.write(f"step {step_number}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
-    last.update(row)
-    window.update(t=time.perf_counter(), tokens=0.0)  # eval time is not training throughput
+    return row
 
-  def save(step_number: int) -> None:
-    nonlocal last_good
-    ckpt.save(step_number, state, data_iter, config_lib.to_json(cfg))
-    last_good = step_number
-
-  try:
-    step = start_step
-    while step < tcfg.steps:
-      batch = program.global_batch(next(data_iter))
-      state, metrics = program.step(state, batch)
-      step += 1
-      if pending is not None:
-        finish(*pending)
-      pending = (step, metrics)
-      if step == start_step + 1:  # the first step compiles: restart the rate window
-        finish(*pending)
-        pending = None
-        window.update(t=time.perf_counter(), tokens=0.0)
-      bar.update(1)
-      if (step % dcfg.eval_every == 0 or step == tcfg.steps) and eval_sets:
-        if pending is not None:
-          finish(*pending)
-          pending = None
-        run_eval(step)
-      stopping = stop.agreed()  # once per step on every process
-      if step % tcfg.checkpoint_every == 0 or step == tcfg.steps or stopping:
-        if pending is not None:
-          finish(*pending)
-          pending = None
-        save(step)
-      if stopping:
-        tqdm.write(f"{stop.received or 'a stop signal (on another process)'} received: saved "
-                   f"a checkpoint at step {step}; rerun the same command to resume")
-        break
-    if pending is not None:
-      finish(*pending)
-  finally:
-    bar.close()
-    stop.restore()
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-  return last
+  return loop.run(tcfg, workdir, config_lib.to_json(cfg), program=program, state=state,
+                  start_step=start_step, data_iter=data_iter, ckpt=ckpt, stop=stop,
+                  tokens=lambda m: float(m["tokens"]), report=report,
+                  periodic=[loop.Periodic(dcfg.eval_every, run_eval)] if eval_sets else [])

@@ -1,0 +1,171 @@
+"""The training loop that `sptlm train` and `sptlm tokenizer train` share.
+
+Both trainers resume, checkpoint, log, stop and report divergence the same way; this module is
+that one way, so a fix reaches both. A trainer brings its mesh, input and program, then calls
+`restore_or_init` and `run`, saying what a step's work is (tokens, for the throughput), which
+of a step's metrics make its metrics.jsonl row, and what else runs periodically (an eval).
+
+Step n-1's metrics are fetched only after step n is dispatched, so the host never stalls the
+device; the first step (which compiles) and periodic work are left out of the throughput.
+"""
+
+import dataclasses
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
+
+import jax
+from etils import epath
+from tqdm import tqdm
+
+from sptlm.config import TrainConfig
+from sptlm.train import checkpoint as checkpoint_lib
+from sptlm.train import metrics as metrics_lib
+from sptlm.train.stop import StopSignal
+
+log = logging.getLogger(__name__)
+
+State = Any  # a train state: a pytree of (sharded) arrays
+Metrics = dict[str, Any]  # one step's metrics, fetched to the host
+# (fetched metrics, tokens per second of the window) -> (metrics.jsonl row, progress-bar postfix)
+Report = Callable[[Metrics, float], tuple[dict[str, Any], dict[str, str]]]
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on (diverged, or started wrongly); the message says why and what to do."""
+
+
+class Program(Protocol):
+  """What the loop needs of a trainer's program (sptlm.train.program, sptlm.speech.program)."""
+
+  abstract_state: Any
+  init: Callable[[], State]
+  step: Any  # jitted (state, global batch) -> (state, device metrics)
+
+  def global_batch(self, local: dict[str, Any]) -> dict[str, jax.Array]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Periodic:
+  """Work at every `every`-th step and at the last: fn(step, state) -> a metrics row.
+
+  The row goes to metrics.jsonl, is printed as "step N: key value, ..." and joins the returned
+  metrics; the time it takes does not count toward the throughput.
+  """
+
+  every: int
+  fn: Callable[[int, State], dict[str, float]]
+
+
+def write_config(workdir: str, config_json: str) -> None:
+  """Creates the work directory and writes its config.json (on process 0)."""
+  if jax.process_index() == 0:
+    wd = epath.Path(workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    (wd / "config.json").write_text(config_json)
+
+
+def restore_or_init(ckpt: checkpoint_lib.Checkpointer, program: Program, data_iter: Any,
+                    init_from: str, keys: Sequence[str]) -> tuple[int, State]:
+  """(start step, state): the work directory's newest good checkpoint, with `data_iter` set to
+  its position; else a fresh state with `keys` (e.g. "params") copied from the newest
+  checkpoint in `init_from`, when given; else a fresh state."""
+  restored = ckpt.restore(program.abstract_state, data_iter)
+  if restored is not None:
+    step, state = restored
+    log.info("resuming from checkpoint at step %d", step)
+    return step, state
+  state = program.init()
+  if init_from:
+    src = checkpoint_lib.Checkpointer(init_from, keep=2, async_save=False)
+    step = src.latest_step()
+    if step is None:
+      raise TrainingError(f"train.init_from={init_from!r} holds no checkpoint")
+    loaded = src.restore_state(step, program.abstract_state)
+    state = dict(state, **{k: loaded[k] for k in keys})
+    log.info("initialised parameters from %s (step %d)", init_from, step)
+  return 0, state
+
+
+def run(tcfg: TrainConfig, workdir: str, config_json: str, *, program: Program, state: State,
+        start_step: int, data_iter: Iterator[Any], ckpt: checkpoint_lib.Checkpointer,
+        stop: StopSignal, tokens: Callable[[Metrics], float], report: Report,
+        periodic: Sequence[Periodic] = ()) -> dict[str, Any]:
+  """Trains from `start_step` until tcfg.steps or an agreed stop; returns the last logged row.
+
+  `tokens(m)` is how much work one step's metrics stand for, in the throughput's unit. A log
+  row (`report`) is written every tcfg.log_every steps and at the last; a checkpoint every
+  tcfg.checkpoint_every steps, at the last and on a stop. A non-finite loss raises
+  TrainingError. `ckpt` and `stop` are closed and restored whatever happens.
+  """
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step)
+  bar = tqdm(total=tcfg.steps, initial=start_step, disable=jax.process_index() != 0,
+             unit="step", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+  pending: tuple[int, Any] | None = None  # (step number, device metrics) not yet fetched
+  last: dict[str, Any] = {}
+  window = {"t": time.perf_counter(), "tokens": 0.0}  # the throughput's current window
+  last_good = start_step
+
+  def restart_window() -> None:
+    window.update(t=time.perf_counter(), tokens=0.0)
+
+  def finish() -> None:
+    """Fetches the pending step's metrics, stops on a non-finite loss, logs every log_every."""
+    nonlocal pending
+    if pending is None:
+      return
+    (step_number, device_metrics), pending = pending, None
+    m = jax.device_get(device_metrics)
+    if not math.isfinite(float(m["loss"])):
+      raise TrainingError(
+          f"loss is {float(m['loss'])} at step {step_number}; stopping. The last good "
+          f"checkpoint (step {last_good}) is intact: lower train.learning_rate or check the "
+          "data, then rerun the same command to resume from it")
+    window["tokens"] += tokens(m)
+    if step_number % tcfg.log_every == 0 or step_number == tcfg.steps:
+      rate = window["tokens"] / max(time.perf_counter() - window["t"], 1e-9)
+      row, postfix = report(m, rate)
+      writer.write(step_number, row)
+      bar.set_postfix(**postfix)
+      restart_window()
+      last.update(row, step=step_number)
+
+  try:
+    step = start_step
+    while step < tcfg.steps:
+      state, metrics = program.step(state, program.global_batch(next(data_iter)))
+      step += 1
+      finish()  # the previous step's, now that this one is dispatched
+      pending = (step, metrics)
+      if step == start_step + 1:  # the first step compiles: restart the rate window
+        finish()
+        restart_window()
+      bar.update(1)
+      for work in periodic:
+        if step % work.every == 0 or step == tcfg.steps:
+          finish()
+          row = work.fn(step, state)
+          writer.write(step, row)
+          tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
+          last.update(row)
+          restart_window()  # periodic work is not training throughput
+      stopping = stop.agreed()  # once per step on every process
+      if step % tcfg.checkpoint_every == 0 or step == tcfg.steps or stopping:
+        finish()
+        ckpt.save(step, state, data_iter, config_json)
+        last_good = step
+      if stopping:
+        tqdm.write(f"{stop.received or 'a stop signal (on another process)'} received: saved "
+                   f"a checkpoint at step {step}; rerun the same command to resume")
+        break
+    finish()
+  finally:
+    bar.close()
+    stop.restore()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  return last
