@@ -25,13 +25,14 @@ def get_config():
   c.model = dict(num_mels=128, d_model=192, num_heads=4, d_ff=768, layers_before_vq=2,
                  layers_after_vq=2, pool=4, block_causal_seconds=0.0, causal_stem=False,
                  max_seconds=30.0, ctc_upsample=4, dtype="float32", param_dtype="float32",
-                 init_std=0.02)
+                 init_std=0.02, attention_window_seconds=0.0)
   c.vq = dict(codebook_size=512, ema_decay=0.99, commitment_weight=0.25, restart_after=20,
               warmup_steps=200)
-  c.asr = dict(unit_type="char", units=32, text_tokenizer="")
-  c.data = dict(corpus="runs/speech_corpus", train_split="train", eval_splits=("test",),
+  c.asr = dict(unit_type="unigram", units=32, text_tokenizer="", inter_ctc_weight=0.0,
+               lm_order=3, lm_text=(), beam=32, lm_alpha=0.7, lm_beta=1.0)
+  c.data = dict(corpus="runs/speech_corpus", train_split="train", eval_splits=("dev",),
                 batch_seconds=32.0, bucket_seconds=(2.56, 3.84, 5.12, 7.68), short_first=True,
-                eval_every=1000, eval_utterances=100, cache_dir="")
+                eval_every=1000, eval_utterances=100, cache_dir="", tune_split="dev")
   c.train = lm.train
   c.train.learning_rate = 3e-3
   c.train.min_learning_rate = 1e-4

@@ -181,11 +181,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if unknown:
       raise ConfigError(f"unknown config key {(key + '.' if key else '') + unknown[0]!r}"
                         f" (known: {', '.join(fields)})")
-    missing = sorted(set(fields) - set(value))
+    optional = {n for n, f in fields.items() if f.default is not dataclasses.MISSING}
+    missing = sorted(set(fields) - set(value) - optional)  # a key added later keeps old files valid
     if missing:
       raise ConfigError(f"config key {key + '.' if key else ''}{missing[0]} is missing")
     hints = typing.get_type_hints(tp)
-    return tp(**{n: _convert(value[n], hints[n], f"{key}.{n}" if key else n) for n in fields})
+    return tp(**{n: _convert(value[n], hints[n], f"{key}.{n}" if key else n)
+                 for n in fields if n in value})
   origin = typing.get_origin(tp)
   if origin is tuple:
     if isinstance(value, (dict, ml_collections.ConfigDict)):  # rules given as a mapping

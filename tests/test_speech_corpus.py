@@ -50,8 +50,8 @@ def test_sentences_skip_speaker_lines_and_odd_text(text):
 
 
 def test_build_is_deterministic_with_disjoint_heldout_splits(text, tmp_path):
-  kwargs = dict(texts=[text], num_train=6, num_test=3, heldout_variants=5, workers=2,
-                progress=False)
+  kwargs = dict(texts=[text], num_train=4, num_test=3, num_dev=2, heldout_variants=5,
+                workers=2, progress=False)
   a = corpus.build_corpus(tmp_path / "a", seed=7, **kwargs)
   b = corpus.build_corpus(tmp_path / "b", seed=7, **kwargs)
   assert a["fingerprint"] == b["fingerprint"]
@@ -65,9 +65,14 @@ def test_build_is_deterministic_with_disjoint_heldout_splits(text, tmp_path):
     corpus.build_corpus(tmp_path / "a", seed=8, **kwargs)
 
   rows = [json.loads(line) for line in (tmp_path / "a" / "manifest.jsonl").read_text().splitlines()]
-  assert a["counts"] == {"train": 6, "test": 3, "test_voices": 3}
+  assert a["counts"] == {"train": 4, "test": 3, "test_voices": 3, "dev": 2}
   by = {s: [r for r in rows if r["split"] == s] for s in corpus.SPLITS}
   assert not {r["text"] for r in by["train"]} & {r["text"] for r in by["test"]}
+  assert not {r["text"] for r in by["dev"]} & {r["text"] for r in by["train"] + by["test"]}
+  lm_text = (tmp_path / "a" / corpus.LM_TEXT).read_text().splitlines()
+  assert {r["text"] for r in by["train"]} <= set(lm_text)  # the LM text: all but held-out
+  assert not set(lm_text) & {r["text"] for r in by["test"] + by["dev"]}
+  assert a["lm_sentences"] == len(lm_text) > len(by["train"])
   assert {r["text"] for r in by["test"]} == {r["text"] for r in by["test_voices"]}
   heldout = set(a["heldout_voices"])
   assert not heldout & set(a["train_voices"])

@@ -265,3 +265,23 @@ def test_sharded_train_step_matches_single_device(units):
   for key in ("loss", "loss_ctc", "grad_norm", "code_perplexity"):
     np.testing.assert_allclose(m4[key], m1[key], rtol=2e-5, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), vq4, vq1)
+
+
+def test_attention_window_bounds_what_a_token_depends_on(units):
+  """With model.attention_window_seconds, token i's code depends only on audio within the
+  model's receptive_seconds of it: what lets windows with that much context match the whole."""
+  cfg = small_config("--config.model.attention_window_seconds=0.16",
+                     "--config.model.layers_before_vq=2")
+  model = program.make_model(cfg, cfg.asr.units)
+  n, i = 40, 20
+  mel = jax.random.normal(jax.random.key(0), (1, n * 8, cfg.model.num_mels))
+  valid = jnp.ones((1, n), bool)
+  g = np.asarray(jax.grad(lambda m: jnp.sum(model.encode(m, valid).h_BxNxD[:, i] ** 2))(mel))[0]
+  frames = np.nonzero(np.abs(g).sum(-1))[0]  # 100 Hz mel frames token i's vector depends on
+  reach = model.receptive_seconds
+  assert reach == pytest.approx(2 * 0.16 + 0.03 + 0.08)
+  assert frames.min() >= (i * 0.08 - reach) * 100 - 1e-6
+  assert frames.max() < ((i + 1) * 0.08 + reach) * 100 + 1e-6
+  assert frames.min() < i * 8 - 16 and frames.max() > (i + 1) * 8 + 16  # yet it does look around
+  full = program.make_model(small_config("--config.model.layers_before_vq=2"), cfg.asr.units)
+  assert full.receptive_seconds == float("inf")

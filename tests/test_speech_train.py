@@ -15,6 +15,8 @@ import pytest
 import scipy.io.wavfile
 import scipy.signal
 
+from sptlm.speech import ctc_decode
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "speech_tokenizer_tiny.py")
 SENTENCES = [
@@ -79,7 +81,8 @@ def corpus_dir(tmp_path_factory, env) -> pathlib.Path:
   text.write_text("\n\n".join(s.capitalize() + "." for s in SENTENCES) + "\n")
   out = root / "corpus"
   _run(["build-corpus", "--out", str(out), "--text", str(text), "--no-default-text",
-        "--train", "10", "--test", "2", "--heldout-variants", "4", "--seed", "1"], env)
+        "--train", "8", "--test", "2", "--dev", "2", "--heldout-variants", "4", "--seed", "1"],
+       env)
   return out
 
 
@@ -91,7 +94,7 @@ def trained(tmp_path_factory, corpus_dir, env) -> pathlib.Path:
   return workdir
 
 
-def test_training_lowers_the_loss(trained):
+def test_training_lowers_the_loss(trained, corpus_dir):
   rows = _metrics(trained)
   assert [r["step"] for r in rows] == list(range(1, 41))
   first = np.mean([r["loss_ctc"] for r in rows[:3]])
@@ -103,6 +106,15 @@ def test_training_lowers_the_loss(trained):
   assert rows[0]["codes_restarted"] > 0  # step 0 seeds the codebook from data
   assert (trained / "checkpoints" / "40").is_dir() and (trained / "asr_units.model").is_file()
   assert json.loads((trained / "config.json").read_text())["kind"] == "speech_tokenizer"
+  # the transcription LM: no word only held-out sentences have; weights chosen on `dev`
+  lm = ctc_decode.NgramLM.load_arpa(trained / "asr_lm.arpa")
+  rows = [json.loads(line) for line in (corpus_dir / "manifest.jsonl").read_text().splitlines()]
+  train_words = {w for r in rows if r["split"] == "train" for w in r["text"].split()}
+  held_words = {w for r in rows if r["split"] != "train" for w in r["text"].split()}
+  assert train_words <= set(lm.vocab) and held_words - train_words
+  assert not (held_words - train_words) & set(lm.vocab)
+  tuned = json.loads((trained / "asr_decoding.json").read_text())
+  assert tuned["split"] == "dev" and 0.0 <= tuned["wer"] <= 1.0 and tuned["alpha"] > 0
 
 
 def test_sigterm_then_restart_gives_identical_losses(tmp_path, corpus_dir, env):

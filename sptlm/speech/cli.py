@@ -44,7 +44,8 @@ def cmd_build_corpus(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   if texts and not args.no_default_text:
     texts = corpus.default_texts() + texts
   meta = corpus.build_corpus(args.out, texts=texts, seed=args.seed, num_train=args.train,
-                             num_test=args.test, heldout_variants=args.heldout_variants,
+                             num_test=args.test, num_dev=args.dev,
+                             heldout_variants=args.heldout_variants,
                              workers=args.workers)
   print(json.dumps({"out": str(args.out), "counts": meta["counts"],
                     "hours": meta.get("hours"), "heldout_voices": len(meta["heldout_voices"]),
@@ -254,7 +255,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
       "build-corpus", help="render text to speech with espeak-ng (16 kHz, with transcripts)",
       description="Renders sentences to 16 kHz speech with many espeak-ng voices, rates and "
       "pitches; splits train / test (held-out sentences) / test_voices (held-out sentences "
-      "and voices). Deterministic for a seed.")
+      "and voices) / dev (other held-out sentences), and lm_text.txt (the sources' sentences "
+      "minus the held-out ones, for the transcription language model). Deterministic for a "
+      "seed.")
   q.add_argument("--out", required=True, type=pathlib.Path, help="corpus directory")
   q.add_argument("--text", action="append", default=[],
                  help="a text file of sentences (plain text or a fortune file; repeatable). "
@@ -265,6 +268,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                  help="with --text or --fortunes, leave out the default text")
   q.add_argument("--train", type=int, default=8000, help="training sentences (default: 8000)")
   q.add_argument("--test", type=int, default=300, help="held-out sentences (default: 300)")
+  q.add_argument("--dev", type=int, default=200,
+                 help="other held-out sentences, for tuning and evals in training (default: 200)")
   q.add_argument("--heldout-variants", type=int, default=8,
                  help="espeak-ng voice variants kept out of training (default: 8)")
   q.add_argument("--seed", type=int, default=0)

@@ -36,6 +36,9 @@ class EncoderConfig:
   dtype: str  # compute dtype
   param_dtype: str
   init_std: float
+  # > 0: the layers below the VQ attend only this far each way, so a token depends on a bounded
+  # stretch of audio and long files encoded in overlapping windows give the whole-file tokens
+  attention_window_seconds: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,14 @@ class AsrConfig:
   unit_type: str  # "char" (letters) or "unigram" (SentencePiece subwords)
   units: int  # unit vocabulary size, at most (the head has units + 1 outputs: + blank)
   text_tokenizer: str  # a SentencePiece model; "" trains one on the training transcripts
+  inter_ctc_weight: float = 0.0  # > 0: + this x a CTC loss on the 50 Hz frames below the VQ
+  # transcription: CTC prefix beam search with a word n-gram LM (sptlm.speech.ctc_decode) trained
+  # at the start of training on the training transcripts, the corpus's lm_text.txt and lm_text
+  lm_order: int = 3  # 0: no language model, greedy CTC decoding
+  lm_text: tuple[str, ...] = ()  # more text files (one sentence a line) for the LM
+  beam: int = 32
+  lm_alpha: float = 0.7  # weight of the LM log-probability of each word
+  lm_beta: float = 1.0  # bonus per word (counters the LM's preference for fewer words)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +82,7 @@ class SpeechDataConfig:
   eval_every: int
   eval_utterances: int  # per eval split (0: all)
   cache_dir: str  # mel feature cache ("" : next to the corpus, else in the work directory)
+  tune_split: str = ""  # at the end of training, choose lm_alpha / lm_beta on it ("": keep)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,12 +128,27 @@ def validate(c: SpeechTokenizerConfig) -> None:
                                         - round(m.block_causal_seconds / token_s)) > 1e-6):
     raise ConfigError(f"model.block_causal_seconds={m.block_causal_seconds} must be 0 or a "
                       f"multiple of one token ({token_s} s)")
+  w = m.attention_window_seconds
+  if w < 0 or (w and abs(w / 0.02 - round(w / 0.02)) > 1e-6):
+    raise ConfigError(f"model.attention_window_seconds={w} must be 0 or a multiple of one "
+                      "50 Hz frame (0.02 s)")
   if not 0.0 < v.ema_decay < 1.0:
     raise ConfigError(f"vq.ema_decay={v.ema_decay} must be in (0, 1)")
   if v.codebook_size < 2 or v.restart_after < 1:
     raise ConfigError("vq.codebook_size must be >= 2 and vq.restart_after >= 1")
   if c.asr.units < 8:
     raise ConfigError(f"asr.units={c.asr.units} must be at least 8")
+  if c.asr.inter_ctc_weight < 0:
+    raise ConfigError(f"asr.inter_ctc_weight={c.asr.inter_ctc_weight} must be >= 0")
+  if c.asr.inter_ctc_weight > 0 and m.pool < m.ctc_upsample:
+    raise ConfigError(f"asr.inter_ctc_weight > 0 needs model.pool={m.pool} >= model.ctc_upsample="
+                      f"{m.ctc_upsample}: the frames below the pooling must fit the CTC labels")
+  if c.asr.lm_order < 0 or c.asr.beam < 1:
+    raise ConfigError(f"asr.lm_order={c.asr.lm_order} must be >= 0 (0: no LM) and "
+                      f"asr.beam={c.asr.beam} >= 1")
+  if c.data.tune_split and c.data.tune_split == c.data.train_split:
+    raise ConfigError(f"data.tune_split={c.data.tune_split!r} is the training split: decoding "
+                      "weights must be chosen on held-out audio (a build-corpus `dev` split)")
   if c.asr.unit_type not in ("char", "unigram"):
     raise ConfigError(f"asr.unit_type={c.asr.unit_type!r}: use 'char' or 'unigram'")
   if not d.bucket_seconds or list(d.bucket_seconds) != sorted(d.bucket_seconds):

@@ -7,8 +7,13 @@ A built corpus is a directory:
                    "pitch", "amplitude", "seconds", "sentence"}; `audio` relative to the dir
   wav/ID.wav       16 kHz mono 16-bit PCM
 
+  lm_text.txt      the normalized sentences of the sources outside the held-out splits: text
+                   for the transcription language model (never a held-out sentence)
+
 Splits: `train` (training sentences, training voices), `test` (held-out sentences, voices seen
-in training) and `test_voices` (the same held-out sentences, voices never used in training).
+in training), `test_voices` (the same held-out sentences, voices never used in training) and
+`dev` (other held-out sentences, training voices: for choosing decoding weights and for evals
+during training, so `test` stays untouched).
 A voice is an espeak-ng accent with a voice variant (`en-gb-scotland+m3`); the held-out voices
 are whole variants, so no held-out speaker is heard in training in any accent. Everything is
 drawn from one seed: the same command gives the same bytes.
@@ -50,7 +55,8 @@ VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f
 RATES = (130, 200)  # words per minute (espeak's default: 175)
 PITCHES = (25, 75)  # 0..99 (default 50)
 AMPLITUDES = (60, 140)  # 0..200 (default 100)
-SPLITS = ("train", "test", "test_voices")
+LM_TEXT = "lm_text.txt"  # a built corpus's text for the transcription language model
+SPLITS = ("train", "test", "test_voices", "dev")  # order fixes the per-split seeds
 _ALLOWED = re.compile(r"^[A-Za-z][A-Za-z ,.'!?;:\-]*$")
 
 
@@ -138,24 +144,32 @@ def voices(seed: int, heldout_variants: int) -> tuple[list[str], list[str]]:
           [f"{a}+{v}" for a in ACCENTS for v in held])
 
 
-def plan_corpus(sentences: Sequence[str], *, seed: int, num_train: int, num_test: int,
-                heldout_variants: int) -> list[Plan]:
-  """Deduplicates, shuffles and splits the sentences and gives each a voice, rate and pitch."""
+def unique_sentences(sentences: Sequence[str]) -> list[str]:
+  """First occurrence of each sentence, by its normalized transcript."""
   seen, unique = set(), []
   for s in sentences:
     key = normalize_text(s)
     if key and key not in seen:
       seen.add(key)
       unique.append(s)
-  if len(unique) < num_test + 1:
-    raise ValueError(f"only {len(unique)} usable sentences; need more than --test={num_test}")
+  return unique
+
+
+def plan_corpus(sentences: Sequence[str], *, seed: int, num_train: int, num_test: int,
+                heldout_variants: int, num_dev: int = 0) -> list[Plan]:
+  """Deduplicates, shuffles and splits the sentences and gives each a voice, rate and pitch."""
+  unique = unique_sentences(sentences)
+  if len(unique) < num_test + num_dev + 1:
+    raise ValueError(f"only {len(unique)} usable sentences; need more than --test={num_test} "
+                     f"+ --dev={num_dev}")
   order = np.random.default_rng([seed, 0]).permutation(len(unique))
   test = [unique[i] for i in order[:num_test]]
-  train = [unique[i] for i in order[num_test:num_test + num_train]]
+  dev = [unique[i] for i in order[num_test:num_test + num_dev]]
+  train = [unique[i] for i in order[num_test + num_dev:num_test + num_dev + num_train]]
   train_voices, held_voices = voices(seed, heldout_variants)
   plans = []
   for split, sents, pool in (("train", train, train_voices), ("test", test, train_voices),
-                             ("test_voices", test, held_voices)):
+                             ("test_voices", test, held_voices), ("dev", dev, train_voices)):
     for i, s in enumerate(sents):
       rng = np.random.default_rng([seed, 2, SPLITS.index(split), i])
       plans.append(Plan(f"{split}-{i:06d}", s, split, pool[rng.integers(len(pool))],
@@ -208,7 +222,7 @@ def render(plan: Plan, wav_path: pathlib.Path, exe: str) -> float:
 
 
 def build_corpus(out: str | pathlib.Path, *, texts: Sequence[str | pathlib.Path] = (),
-                 seed: int = 0, num_train: int = 4000, num_test: int = 200,
+                 seed: int = 0, num_train: int = 4000, num_test: int = 200, num_dev: int = 0,
                  heldout_variants: int = 8, workers: int = 2, progress: bool = True) -> dict:
   """Renders a corpus into `out`; returns its corpus.json. A finished identical build is kept."""
   out = pathlib.Path(out)
@@ -218,13 +232,14 @@ def build_corpus(out: str | pathlib.Path, *, texts: Sequence[str | pathlib.Path]
       raise FileNotFoundError(f"text source not found: {src}")
   sentences = [s for src in sources for s in read_sentences(src)]
   plans = plan_corpus(sentences, seed=seed, num_train=num_train, num_test=num_test,
-                      heldout_variants=heldout_variants)
+                      heldout_variants=heldout_variants, num_dev=num_dev)
   train_voices, held_voices = voices(seed, heldout_variants)
   fingerprint = hashlib.sha256(json.dumps([dataclasses.asdict(p) for p in plans]).encode()
                                ).hexdigest()[:16]
   meta = {"seed": seed, "sources": [str(s) for s in sources], "sample_rate": SAMPLE_RATE,
           "fingerprint": fingerprint,
-          "counts": {s: sum(p.split == s for p in plans) for s in SPLITS},
+          "counts": {s: sum(p.split == s for p in plans) for s in SPLITS
+                     if s != "dev" or num_dev},
           "train_voices": train_voices, "heldout_voices": held_voices,
           "rates": RATES, "pitches": PITCHES, "amplitudes": AMPLITUDES}
   meta_path = out / "corpus.json"
@@ -251,8 +266,13 @@ def build_corpus(out: str | pathlib.Path, *, texts: Sequence[str | pathlib.Path]
                           "amplitude": p.amplitude, "seconds": round(seconds[p.id], 4),
                           "sentence": p.sentence}) + "\n")
   os.replace(out / "manifest.jsonl.part", out / "manifest.jsonl")
+  heldout = {normalize_text(p.sentence) for p in plans if p.split != "train"}
+  lm_text = [t for t in map(normalize_text, unique_sentences(sentences)) if t not in heldout]
+  (out / "lm_text.txt.part").write_text("".join(t + "\n" for t in lm_text))
+  os.replace(out / "lm_text.txt.part", out / LM_TEXT)
+  meta["lm_sentences"] = len(lm_text)
   meta["hours"] = {s: round(sum(seconds[p.id] for p in plans if p.split == s) / 3600, 3)
-                   for s in SPLITS}
+                   for s in meta["counts"]}
   meta_path.write_text(json.dumps(meta, indent=2) + "\n")
   return json.loads(meta_path.read_text())
 

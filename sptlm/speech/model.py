@@ -178,22 +178,36 @@ class Layers(nnx.Module):
     return x_BxLxD
 
 
-def attention_mask(valid_BxL: jax.Array, block: int) -> jax.Array:
-  """Keys must be real frames; with block > 0, also in the query's block or an earlier one."""
+def receptive_seconds(cfg: EncoderConfig) -> float:
+  """How far beyond its own 80 ms a token's code can depend on audio, each way (inf with full
+  attention): the windowed layers, the conv stem (30 ms) and, to be safe, one more token."""
+  if not cfg.attention_window_seconds and cfg.layers_before_vq:
+    return float("inf")
+  return cfg.layers_before_vq * cfg.attention_window_seconds + 0.03 + 0.02 * cfg.pool
+
+
+def attention_mask(valid_BxL: jax.Array, block: int, window: int = 0) -> jax.Array:
+  """Keys must be real frames; with block > 0, also in the query's block or an earlier one;
+  with window > 0, at most `window` frames before or after the query."""
   mask = jnp.broadcast_to(valid_BxL[:, None, :], (*valid_BxL.shape, valid_BxL.shape[1]))
+  pos = jnp.arange(valid_BxL.shape[1])
   if block:
-    idx = jnp.arange(valid_BxL.shape[1]) // block
+    idx = pos // block
     mask = mask & (idx[None, :, None] >= idx[None, None, :])
+  if window:
+    mask = mask & (jnp.abs(pos[:, None] - pos[None, :]) <= window)[None]
   return mask
 
 
 class Encoded(NamedTuple):
   h_BxNxD: jax.Array  # pooled encoder output: what the quantizer sees
   valid_BxN: jax.Array  # bool: the token is inside the audio
+  frames_BxTxD: jax.Array  # the 50 Hz encoder output before pooling (intermediate CTC reads it)
 
 
 class SpeechTokenizerModel(nnx.Module):
-  def __init__(self, cfg: EncoderConfig, codebook_size: int, units: int, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: EncoderConfig, codebook_size: int, units: int, *, rngs: nnx.Rngs,
+               inter_ctc: bool = False):
     self.cfg = cfg
     d = cfg.d_model
     self.conv1 = Conv1d(cfg.num_mels, d, 1, cfg, rngs=rngs)
@@ -207,6 +221,16 @@ class SpeechTokenizerModel(nnx.Module):
     self.layers_after_vq = Layers(cfg, cfg.layers_after_vq, rngs=rngs)
     self.layer_norm = LayerNorm(d, cfg, rngs=rngs)
     self.ctc_head = Linear(d, (units + 1,), ("embed", "vocab"), cfg, bias=True, rngs=rngs)
+    if inter_ctc:  # training-only head below the bottleneck (not part of Whisper's layout)
+      self.inter_layer_norm = LayerNorm(d, cfg, rngs=rngs)
+      self.inter_ctc_head = Linear(d, (units + 1,), ("embed", "vocab"), cfg, bias=True,
+                                   rngs=rngs)
+    else:
+      self.inter_layer_norm = self.inter_ctc_head = None
+
+  @property
+  def receptive_seconds(self) -> float:
+    return receptive_seconds(self.cfg)
 
   @property
   def block_tokens(self) -> int:
@@ -224,10 +248,11 @@ class SpeechTokenizerModel(nnx.Module):
     x_BxTxD = sharding.constrain(x_BxTxD, ("batch", "length", "act_embed"))
     per_token = cfg.pool
     valid_BxT = jnp.repeat(valid_BxN, per_token, axis=1)
-    x_BxTxD = self.layers_before_vq(x_BxTxD, attention_mask(valid_BxT,
-                                                            self.block_tokens * per_token))
+    mask = attention_mask(valid_BxT, self.block_tokens * per_token,
+                          round(cfg.attention_window_seconds * 50))
+    x_BxTxD = self.layers_before_vq(x_BxTxD, mask)
     h_BxNxD = x_BxTxD.reshape(b, n, per_token, cfg.d_model).mean(axis=2)
-    return Encoded(h_BxNxD, valid_BxN)
+    return Encoded(h_BxNxD, valid_BxN, x_BxTxD)
 
   def tokenize(self, mel_BxFxM: jax.Array, valid_BxN: jax.Array) -> jax.Array:
     """Features -> codes [B, N] (padding positions hold arbitrary codes)."""
@@ -247,10 +272,22 @@ class SpeechTokenizerModel(nnx.Module):
     x = self.layers_after_vq(x, mask)
     return self.ctc_head(self.layer_norm(x)).astype(jnp.float32)
 
+  def inter_ctc_logits(self, frames_BxTxD: jax.Array) -> jax.Array:
+    """Intermediate CTC: logits [B, T, U + 1] straight from the 50 Hz frames below the pooling.
+
+    A direct, well-aligned gradient into the layers that make the tokens (Lee & Watanabe 2021's
+    intermediate CTC): they learn to separate sounds from the first steps instead of through the
+    quantizer's straight-through estimate alone, so the codebook clusters useful features early.
+    """
+    x = self.inter_layer_norm(frames_BxTxD)
+    return self.inter_ctc_head(x).astype(jnp.float32)
+
   def logits_from_codes(self, codes_BxN: jax.Array, valid_BxN: jax.Array) -> jax.Array:
     """`transcribe --tokens`: stored codes -> CTC logits, without any audio."""
     return self.ctc_logits(self.vq.lookup(codes_BxN), valid_BxN)
 
 
-def build(cfg: EncoderConfig, codebook_size: int, units: int, seed: int) -> SpeechTokenizerModel:
-  return SpeechTokenizerModel(cfg, codebook_size, units, rngs=nnx.Rngs(params=seed))
+def build(cfg: EncoderConfig, codebook_size: int, units: int, seed: int, *,
+          inter_ctc: bool = False) -> SpeechTokenizerModel:
+  return SpeechTokenizerModel(cfg, codebook_size, units, rngs=nnx.Rngs(params=seed),
+                              inter_ctc=inter_ctc)

@@ -32,7 +32,8 @@ BATCH_NAMES = {"mel": ("batch", None, None), "valid": ("batch", None),
 
 
 def make_model(cfg: SpeechTokenizerConfig, units: int) -> model_lib.SpeechTokenizerModel:
-  return model_lib.build(cfg.model, cfg.vq.codebook_size, units, cfg.train.seed)
+  return model_lib.build(cfg.model, cfg.vq.codebook_size, units, cfg.train.seed,
+                         inter_ctc=cfg.asr.inter_ctc_weight > 0)
 
 
 def split_graphdef(model: nnx.Module) -> nnx.GraphDef:
@@ -45,8 +46,8 @@ def split(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict]:
 
 
 def loss_fn(params: dict, vq_state: dict, graphdef: nnx.GraphDef, batch: dict[str, jax.Array],
-            commitment_weight: float,
-            quantize: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+            commitment_weight: float, quantize: jax.Array,
+            inter_ctc_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """CTC + commitment; before vq.warmup_steps (`quantize` false) the layers above the
   bottleneck see the unquantized encoder output while the codebook already follows it."""
   model = nnx.merge(graphdef, params, vq_state)
@@ -64,7 +65,16 @@ def loss_fn(params: dict, vq_state: dict, graphdef: nnx.GraphDef, batch: dict[st
   loss_ctc = jnp.sum(ctc_B) / n_labels
   loss_commit = jnp.sum(out.commitment_BxN * w_BxN) / n_tokens
   loss = loss_ctc + commitment_weight * loss_commit
-  aux = {"loss_ctc": loss_ctc, "loss_commit": loss_commit, "h": enc.h_BxNxD,
+  loss_inter = jnp.zeros((), jnp.float32)
+  if inter_ctc_weight > 0:
+    frames_valid_BxT = jnp.repeat(valid_BxN, model.cfg.pool, axis=1)
+    inter_B = optax.ctc_loss(model.inter_ctc_logits(enc.frames_BxTxD),
+                             1.0 - frames_valid_BxT.astype(jnp.float32), batch["labels"],
+                             batch["label_paddings"], blank_id=0)
+    loss_inter = jnp.sum(inter_B) / n_labels
+    loss = loss + inter_ctc_weight * loss_inter
+  aux = {"loss_ctc": loss_ctc, "loss_commit": loss_commit, "loss_inter_ctc": loss_inter,
+         "h": enc.h_BxNxD,
          "codes": out.codes_BxN, "tokens": jnp.sum(w_BxN)}
   return loss, aux
 
@@ -79,7 +89,7 @@ def make_train_step(cfg: SpeechTokenizerConfig, graphdef: nnx.GraphDef,
   def train_step(state: dict, batch: dict[str, jax.Array]) -> tuple[dict, dict]:
     params, vq_state, step = state["params"], state["vq"], state["step"]
     (loss, aux), grads = grad_fn(params, vq_state, graphdef, batch, v.commitment_weight,
-                                 step >= v.warmup_steps)
+                                 step >= v.warmup_steps, cfg.asr.inter_ctc_weight)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
@@ -87,6 +97,7 @@ def make_train_step(cfg: SpeechTokenizerConfig, graphdef: nnx.GraphDef,
         vq_state["vq"], aux["h"], aux["codes"], batch["valid"], decay=v.ema_decay,
         restart_after=v.restart_after, key=jax.random.fold_in(base_key, step))
     metrics = {"loss": loss, "loss_ctc": aux["loss_ctc"], "loss_commit": aux["loss_commit"],
+               "loss_inter_ctc": aux["loss_inter_ctc"],
                "grad_norm": grad_norm, "lr": schedule(step), "code_usage": stats.usage,
                "code_perplexity": stats.perplexity, "codes_restarted": stats.restarted,
                "tokens": aux["tokens"]}

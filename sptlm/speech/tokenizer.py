@@ -17,7 +17,9 @@ shapes once.
 """
 
 import dataclasses
+import json
 import logging
+import math
 import pathlib
 from collections.abc import Callable, Iterator, Sequence
 
@@ -29,13 +31,18 @@ from etils import epath
 from sptlm.speech import audio as audio_lib
 from sptlm.speech import features
 from sptlm.speech import config as config_lib
+from sptlm.speech import ctc_decode
+from sptlm.speech import model as model_lib
 from sptlm.speech import program as program_lib
 from sptlm.speech.config import SpeechTokenizerConfig
+from sptlm.speech.ctc_decode import NgramLM
 from sptlm.speech.input import num_tokens
 from sptlm.speech.units import Units
 
 log = logging.getLogger(__name__)
 UNITS_FILE = "asr_units.model"
+LM_FILE = "asr_lm.arpa"  # optional word n-gram LM (ARPA) for beam-search decoding
+DECODING_FILE = "asr_decoding.json"  # lm_alpha / lm_beta chosen on data.tune_split
 TOKENS_PER_SECOND = 12.5
 _PAD_TOKENS = 32  # window lengths are padded to a multiple of this (few compiled shapes)
 
@@ -100,20 +107,38 @@ def run_windows(windows: Sequence[Window], inputs: Sequence[np.ndarray], per_tok
 
 
 class SpeechTokenizer:
-  """A trained tokenizer's encoder (audio -> codes) and its ASR path (codes -> text)."""
+  """A trained tokenizer's encoder (audio -> codes) and its ASR path (codes -> text).
+
+  ASR decoding is greedy CTC, or with a word language model `lm` (and `beam` > 1) CTC prefix
+  beam search in which only the LM's words come out (`lexicon`), each scored
+  `alpha * ln p_lm + beta` (see sptlm.speech.ctc_decode)."""
 
   def __init__(self, cfg: SpeechTokenizerConfig, units: Units, params: dict, vq_state: dict, *,
-               batch: int = 8, context_seconds: float = 2.0):
+               batch: int = 8, context_seconds: float = 2.0, lm: NgramLM | None = None,
+               beam: int | None = None, alpha: float | None = None, beta: float | None = None,
+               lexicon: bool = True):
+    """beam / alpha / beta default to the config's asr.beam / lm_alpha / lm_beta."""
     self.cfg, self.units = cfg, units
     self.params, self.vq_state = params, vq_state
     self.batch = batch
+    beam = cfg.asr.beam if beam is None else beam
+    alpha = cfg.asr.lm_alpha if alpha is None else alpha
+    beta = cfg.asr.lm_beta if beta is None else beta
+    if beam < 1:
+      raise ValueError(f"beam must be >= 1, not {beam}")
+    self.lm, self.beam, self.alpha, self.beta, self.lexicon = lm, beam, alpha, beta, lexicon
     graphdef = nnx_graphdef(cfg, cfg.asr.units)
     self._tokenize, self._logits = program_lib.make_inference(graphdef)
     m = cfg.model
     self.window = int(round(m.max_seconds * TOKENS_PER_SECOND))
     block = round(m.block_causal_seconds * TOKENS_PER_SECOND)
     self.align = block or 1  # block-causal: windows start on block boundaries
-    context = int(round(context_seconds * TOKENS_PER_SECOND))
+    # a windowed encoder's token depends on audio at most receptive_seconds away: give every
+    # window that much context and chunked tokens are the whole file's tokens
+    reach = model_lib.receptive_seconds(m)
+    if math.isfinite(reach):
+      context_seconds = max(context_seconds, reach)
+    context = math.ceil(context_seconds * TOKENS_PER_SECOND - 1e-9)
     self.context = -(-context // self.align) * self.align
 
   @property
@@ -122,7 +147,8 @@ class SpeechTokenizer:
 
   @classmethod
   def load(cls, workdir: str | pathlib.Path, **kwargs) -> "SpeechTokenizer":
-    """The newest checkpoint of a `sptlm tokenizer train` work directory."""
+    """The newest checkpoint of a `sptlm tokenizer train` work directory, with the language
+    model WORKDIR/asr_lm.arpa when there is one (unless `lm=` is given; lm=None: greedy)."""
     from sptlm.train import checkpoint as checkpoint_lib
     wd = epath.Path(workdir)
     cfg_path = wd / "config.json"
@@ -131,6 +157,13 @@ class SpeechTokenizer:
                               "train one with `sptlm tokenizer train`")
     cfg = config_lib.from_json(cfg_path.read_text())
     units = Units(_local_copy(wd / UNITS_FILE))
+    if "lm" not in kwargs and (wd / LM_FILE).exists():
+      kwargs["lm"] = NgramLM.load_arpa(_local_copy(wd / LM_FILE))
+      log.info("decoding with the language model %s (%s)", wd / LM_FILE, kwargs["lm"])
+    if (wd / DECODING_FILE).exists():  # weights chosen on held-out audio at the end of training
+      tuned = json.loads((wd / DECODING_FILE).read_text())
+      for key in ("alpha", "beta"):
+        kwargs.setdefault(key, float(tuned[key]))
     ckpt = checkpoint_lib.Checkpointer(str(wd), keep=cfg.train.keep_checkpoints,
                                        async_save=False)
     try:
@@ -172,14 +205,13 @@ class SpeechTokenizer:
   # ---- Tokens -> text -------------------------------------------------------------------
 
   def decode(self, codes: Sequence[np.ndarray]) -> list[str]:
-    """Codes -> transcripts (CTC greedy decoding through the layers above the bottleneck)."""
-    seqs = [np.asarray(c, np.int32).reshape(-1) for c in codes]
-    for i, s in enumerate(seqs):
-      if s.size and (s.min() < 0 or s.max() >= self.codebook_size):
-        raise ValueError(f"tokens of item {i} are outside the codebook [0, {self.codebook_size})")
-    windows = [w for i, s in enumerate(seqs)
-               for w in plan_windows(len(s), self.window, self.context, i, self.align)]
-
+    """Codes -> transcripts through the layers above the bottleneck: CTC greedy decoding, or
+    beam search with the language model when there is one and beam > 1."""
+    seqs, windows = self._code_windows(codes)
+    if self.lm is not None and self.beam > 1:
+      return ctc_decode.decode_batch(self._log_probs(windows, seqs), self.units, self.lm,
+                                     beam=self.beam, alpha=self.alpha, beta=self.beta,
+                                     lexicon=self.lexicon)
     up = self.cfg.model.ctc_upsample
 
     def fn(codes_BxN: np.ndarray, valid_BxN: np.ndarray) -> np.ndarray:
@@ -190,6 +222,37 @@ class SpeechTokenizer:
 
     best = run_windows(windows, seqs, 1, fn, self.batch, self.window)
     return [self.units.greedy(b.reshape(-1)) for b in best]
+
+  def log_probs(self, codes: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Codes -> per input, float32 CTC log-posteriors [N * ctc_upsample, asr.units + 1]
+    (class 0 blank), e.g. to tune the beam search's alpha and beta."""
+    seqs, windows = self._code_windows(codes)
+    return self._log_probs(windows, seqs)
+
+  def _code_windows(self, codes: Sequence[np.ndarray]
+                    ) -> tuple[list[np.ndarray], list[Window]]:
+    seqs = [np.asarray(c, np.int32).reshape(-1) for c in codes]
+    for i, s in enumerate(seqs):
+      if s.size and (s.min() < 0 or s.max() >= self.codebook_size):
+        raise ValueError(f"tokens of item {i} are outside the codebook [0, {self.codebook_size})")
+    windows = [w for i, s in enumerate(seqs)
+               for w in plan_windows(len(s), self.window, self.context, i, self.align)]
+    return seqs, windows
+
+  def _log_probs(self, windows: Sequence[Window], seqs: Sequence[np.ndarray]
+                 ) -> list[np.ndarray]:
+    up, classes = self.cfg.model.ctc_upsample, self.cfg.asr.units + 1
+
+    def fn(codes_BxN: np.ndarray, valid_BxN: np.ndarray) -> np.ndarray:
+      logits = self._logits(self.params, self.vq_state, jnp.asarray(codes_BxN),
+                            jnp.asarray(valid_BxN))
+      b, n = codes_BxN.shape
+      log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+      return log_p.reshape(b, n, up, log_p.shape[-1])  # CTC frames of each token
+
+    out = run_windows(windows, seqs, 1, fn, self.batch, self.window)
+    return [o.reshape(-1, classes).astype(np.float32) if o.size else
+            np.zeros((0, classes), np.float32) for o in out]
 
   def transcribe(self, audios: Sequence[np.ndarray]) -> list[str]:
     return self.decode(self.encode(audios))

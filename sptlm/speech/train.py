@@ -9,9 +9,13 @@ uninterrupted one.
 
 metrics.jsonl rows: step, loss, loss_ctc, loss_commit, grad_norm, lr, code_usage,
 code_perplexity, codes_restarted, tokens_per_s (12.5 Hz tokens of real audio per second),
-and every data.eval_every steps wer_<split> for each of data.eval_splits.
+and every data.eval_every steps, for each of data.eval_splits, wer_<split> (transcribe: beam
+search with the run's word LM, WORKDIR/asr_lm.arpa), wer_greedy_<split> and code_usage_<split>.
+At the last step the LM weights are chosen on data.tune_split (WORKDIR/asr_decoding.json).
 """
 
+import json
+import logging
 import math
 import pathlib
 import tempfile
@@ -20,20 +24,25 @@ from typing import Any
 import jax
 import numpy as np
 from etils import epath
+from tqdm import tqdm
 
 from sptlm import paths, sharding
 from sptlm.speech import config as config_lib
 from sptlm.speech import corpus as corpus_lib
+from sptlm.speech import ctc_decode
 from sptlm.speech import input as input_lib
 from sptlm.speech import program as program_lib
 from sptlm.speech import units as units_lib
 from sptlm.speech import wer as wer_lib
 from sptlm.speech.config import SpeechTokenizerConfig
-from sptlm.speech.tokenizer import UNITS_FILE, SpeechTokenizer
+from sptlm.speech.tokenizer import (DECODING_FILE, LM_FILE, UNITS_FILE, SpeechTokenizer,
+                                   _local_copy)
 from sptlm.train import checkpoint as checkpoint_lib
 from sptlm.train import loop
 from sptlm.train.loop import TrainingError
 from sptlm.train.stop import StopSignal
+
+log = logging.getLogger(__name__)
 
 
 def _units(cfg: SpeechTokenizerConfig, source: corpus_lib.ManifestSource,
@@ -61,6 +70,35 @@ def _units(cfg: SpeechTokenizerConfig, source: corpus_lib.ManifestSource,
   return units
 
 
+def _language_model(cfg: SpeechTokenizerConfig, source: corpus_lib.ManifestSource,
+                    wd: epath.Path) -> ctc_decode.NgramLM | None:
+  """The transcription LM: WORKDIR/asr_lm.arpa, else trained (once) on the training
+  transcripts, the corpus's lm_text.txt and asr.lm_text, minus every held-out transcript."""
+  if not cfg.asr.lm_order:
+    return None
+  path = wd / LM_FILE
+  if path.exists():
+    return ctc_decode.NgramLM.load_arpa(_local_copy(path))
+  texts = [u.text for u in source.utterances(cfg.data.train_split)]
+  files = [pathlib.Path(source.root) / corpus_lib.LM_TEXT] if source.root else []
+  files = [f for f in files if f.is_file()] + [paths.resolve(t) for t in cfg.asr.lm_text]
+  for f in files:
+    if not f.is_file():
+      raise FileNotFoundError(f"asr.lm_text file not found: {f}")
+    texts += [corpus_lib.normalize_text(line) for line in
+              f.read_text(encoding="utf-8", errors="replace").splitlines()]
+  heldout = {u.text for split in source.splits() if split != cfg.data.train_split
+             for u in source.utterances(split)}
+  lm = ctc_decode.NgramLM.train([t for t in texts if t and t not in heldout], cfg.asr.lm_order)
+  if jax.process_index() == 0:
+    tmp = pathlib.Path(tempfile.mkdtemp()) / LM_FILE
+    lm.save_arpa(tmp)
+    path.write_bytes(tmp.read_bytes())
+  log.info("trained the transcription LM %s on %d sentences (%d files)", lm, len(texts),
+           len(files))
+  return lm
+
+
 def _eval_sets(cfg: SpeechTokenizerConfig,
                source: corpus_lib.ManifestSource) -> dict[str, list[corpus_lib.Utterance]]:
   out = {}
@@ -72,17 +110,46 @@ def _eval_sets(cfg: SpeechTokenizerConfig,
 
 
 def evaluate(tok: SpeechTokenizer, source: corpus_lib.ManifestSource,
-             utts: list[corpus_lib.Utterance]) -> dict[str, float]:
-  """WER of transcribe, and code usage / perplexity, over `utts`."""
+             utts: list[corpus_lib.Utterance]) -> dict[str, Any]:
+  """WER of transcribe (the tokenizer's decoder) and of greedy CTC decoding, code usage and
+  perplexity over `utts`; "log_probs" keeps the CTC posteriors for tuning."""
   audios = [source.load(u) for u in utts]
   codes = tok.encode(audios)
-  hyps = tok.decode(codes)
+  log_probs = tok.log_probs(codes)
+  refs = [u.text for u in utts]
+  greedy = [tok.units.greedy(lp.argmax(-1)) for lp in log_probs]
+  if tok.lm is not None and tok.beam > 1:
+    hyps = ctc_decode.decode_batch(log_probs, tok.units, tok.lm, beam=tok.beam, alpha=tok.alpha,
+                                   beta=tok.beta, lexicon=tok.lexicon)
+  else:
+    hyps = greedy
   counts = np.bincount(np.concatenate(codes), minlength=tok.codebook_size)
   p = counts / max(counts.sum(), 1)
   nz = p[p > 0]
-  return {"wer": wer_lib.wer([u.text for u in utts], hyps),
+  return {"wer": wer_lib.wer(refs, hyps), "wer_greedy": wer_lib.wer(refs, greedy),
           "code_usage": float(np.mean(counts > 0)),
-          "code_perplexity": float(np.exp(-np.sum(nz * np.log(nz))))}
+          "code_perplexity": float(np.exp(-np.sum(nz * np.log(nz)))), "log_probs": log_probs,
+          "hyps": hyps}
+
+
+TUNE_ALPHAS = (0.3, 0.5, 0.7, 0.9, 1.2)
+TUNE_BETAS = (0.0, 0.5, 1.0, 1.5, 2.5)
+
+
+def tune_decoding(tok: SpeechTokenizer, refs: list[str], log_probs: list[np.ndarray],
+                  beam: int = 16) -> dict[str, float]:
+  """The LM weight (alpha) and word bonus (beta) with the lowest WER on held-out audio: a grid
+  at a narrower beam (the ranking holds at wider ones); returns {alpha, beta, wer, beam}."""
+  best = None
+  grid = [(a, b) for a in TUNE_ALPHAS for b in TUNE_BETAS]
+  for a, b in tqdm(grid, desc="tune lm_alpha/lm_beta", leave=False,
+                   disable=jax.process_index() != 0):
+    hyps = ctc_decode.decode_batch(log_probs, tok.units, tok.lm, beam=beam, alpha=a, beta=b,
+                                   lexicon=tok.lexicon)
+    w = wer_lib.wer(refs, hyps)
+    if best is None or w < best[0] - 1e-12:
+      best = (w, a, b)
+  return {"alpha": best[1], "beta": best[2], "wer": best[0], "beam": beam}
 
 
 def _summary(cfg: SpeechTokenizerConfig, program: program_lib.Program,
@@ -121,8 +188,9 @@ def train(cfg: SpeechTokenizerConfig, workdir: str) -> dict[str, Any]:
 
   # ---- Input -------------------------------------------------------------------------------
   cache = epath.Path(dcfg.cache_dir) if dcfg.cache_dir else wd / "cache"
+  splits = (dcfg.train_split, *dcfg.eval_splits, *([dcfg.tune_split] if dcfg.tune_split else []))
   source = corpus_lib.open_source(dcfg.corpus, cache_dir=pathlib.Path(str(cache)),
-                                  splits=(dcfg.train_split, *dcfg.eval_splits))
+                                  splits=tuple(dict.fromkeys(splits)))
   units = _units(cfg, source, wd)
   shapes = input_lib.bucket_shapes(dcfg.bucket_seconds, dcfg.batch_seconds,
                                    math.lcm(data_parallel, jax.process_count()))
@@ -134,6 +202,14 @@ def train(cfg: SpeechTokenizerConfig, workdir: str) -> dict[str, Any]:
       process_index=jax.process_index(),
       process_count=jax.process_count())
   eval_sets = _eval_sets(cfg, source)
+  lm = _language_model(cfg, source, wd)
+  tune_utts = []
+  if dcfg.tune_split and lm:
+    if dcfg.tune_split in source.splits():
+      tune_utts = source.utterances(dcfg.tune_split)
+    else:
+      log.warning("data.tune_split=%r is not a split of %s: keeping asr.lm_alpha/lm_beta",
+                  dcfg.tune_split, dcfg.corpus)
 
   # ---- Program: model, optimizer, shardings, step ------------------------------------------
   program = program_lib.build(cfg, mesh, cfg.asr.units)
@@ -151,22 +227,34 @@ def train(cfg: SpeechTokenizerConfig, workdir: str) -> dict[str, Any]:
   # ---- Loop --------------------------------------------------------------------------------
   def report(m: loop.Metrics, rate: float) -> tuple[dict[str, Any], dict[str, str]]:
     """rate: 12.5 Hz tokens of real audio per second; audio_x: seconds of audio per second."""
-    row = {k: m[k] for k in ("loss", "loss_ctc", "loss_commit", "grad_norm", "lr",
-                             "code_usage", "code_perplexity", "codes_restarted")}
+    row = {k: m[k] for k in ("loss", "loss_ctc", "loss_commit", "loss_inter_ctc", "grad_norm",
+                             "lr", "code_usage", "code_perplexity", "codes_restarted")}
     row["tokens_per_s"] = rate
     return row, {"loss": f"{float(m['loss']):.3f}", "audio_x": f"{rate / 12.5:.1f}"}
 
   def run_eval(step: int, state: loop.State) -> dict[str, float]:
     tok = SpeechTokenizer(cfg, units, jax.device_get(state["params"]),
-                          jax.device_get(state["vq"]))
+                          jax.device_get(state["vq"]), lm=lm)
     row = {}
+    if step == tcfg.steps and tune_utts:  # choose the decoding weights, then evaluate with them
+      result = evaluate(tok, source, tune_utts)
+      tuned = tune_decoding(tok, [u.text for u in tune_utts], result["log_probs"])
+      tuned["split"] = dcfg.tune_split
+      if jax.process_index() == 0:
+        (wd / DECODING_FILE).write_text(json.dumps(tuned, indent=2) + "\n")
+      tok.alpha, tok.beta = tuned["alpha"], tuned["beta"]
+      row.update(lm_alpha=tuned["alpha"], lm_beta=tuned["beta"],
+                 **{f"wer_tuned_{dcfg.tune_split}": tuned["wer"]})
     for split, utts in eval_sets.items():
       result = evaluate(tok, source, utts)
       row[f"wer_{split}"] = result["wer"]
+      if lm is not None:
+        row[f"wer_greedy_{split}"] = result["wer_greedy"]
       row[f"code_usage_{split}"] = result["code_usage"]
     return row
 
+  periodic = [loop.Periodic(dcfg.eval_every, run_eval)] if eval_sets or tune_utts else []
   return loop.run(tcfg, workdir, config_lib.to_json(cfg), program=program, state=state,
                   start_step=start_step, data_iter=data_iter, ckpt=ckpt, stop=stop,
                   tokens=lambda m: float(m["tokens"]), report=report,
-                  periodic=[loop.Periodic(dcfg.eval_every, run_eval)] if eval_sets else [])
+                  periodic=periodic)

@@ -24,7 +24,7 @@ def train_units(transcripts: Sequence[str], units: int, out_model: pathlib.Path,
     prefix = pathlib.Path(tmp) / "units"
     try:
       spm.SentencePieceTrainer.train(
-          input=str(text), model_prefix=str(prefix), vocab_size=units, model_type="unigram",
+          input=str(text), model_prefix=str(prefix), vocab_size=units, model_type=unit_type,
           character_coverage=1.0, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
           num_threads=1, minloglevel=2, input_sentence_size=0,
           hard_vocab_limit=True)
