@@ -27,7 +27,7 @@ def get_config():
                  max_seconds=30.0, ctc_upsample=4, dtype="float32", param_dtype="float32",
                  init_std=0.02, attention_window_seconds=0.0)
   c.vq = dict(codebook_size=512, ema_decay=0.99, commitment_weight=0.25, restart_after=20,
-              warmup_steps=200)
+              warmup_steps=200, code_dim=0, normalize=False)
   c.asr = dict(unit_type="unigram", units=32, text_tokenizer="", inter_ctc_weight=0.0,
                lm_order=3, lm_text=(), beam=32, lm_alpha=0.7, lm_beta=1.0)
   c.data = dict(corpus="runs/speech_corpus", train_split="train", eval_splits=("dev",),

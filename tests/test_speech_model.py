@@ -285,3 +285,36 @@ def test_attention_window_bounds_what_a_token_depends_on(units):
   assert frames.min() < i * 8 - 16 and frames.max() > (i + 1) * 8 + 16  # yet it does look around
   full = program.make_model(small_config("--config.model.layers_before_vq=2"), cfg.asr.units)
   assert full.receptive_seconds == float("inf")
+
+
+def test_factorized_unit_sphere_codes_train_and_ignore_scale(units):
+  """vq.code_dim + vq.normalize: an 8-dim code space on the unit sphere; a token's code depends
+  on the direction of the projected encoder output only, and the train step reaches the
+  projections and inter-CTC head with finite gradients."""
+  from sptlm.speech import input as input_lib
+  from sptlm import sharding
+  cfg = small_config("--config.vq.code_dim=8", "--config.vq.normalize=True",
+                     "--config.asr.inter_ctc_weight=0.5", "--config.train.steps=4",
+                     "--config.train.warmup_steps=1", "--config.vq.warmup_steps=0")
+  model = program.make_model(cfg, cfg.asr.units)
+  assert model.vq.codebook.value.shape == (16, 8)
+  z = jax.random.normal(jax.random.key(0), (2, 5, 8))
+  np.testing.assert_array_equal(model.vq.nearest(z), model.vq.nearest(3.7 * z))
+  out = model.vq(z)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(out.quantized_BxNxD), axis=-1), 1.0,
+                             rtol=1e-5)
+  rng = np.random.default_rng(1)
+  audios = [(rng.normal(size=24 * 1280) * 0.2).astype(np.float32) for _ in range(2)]
+  labels = [rng.integers(1, 30, 5).astype(np.int32) for _ in range(2)]
+  batch = input_lib.make_batch(audios, labels, 32, cfg.model.num_mels, 32 * cfg.model.ctc_upsample)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  prog = program.build(cfg, mesh, cfg.asr.units)
+  state = prog.init()
+  before = jax.device_get(state["params"])
+  for _ in range(2):  # the learning rate warms up from 0 at step 0
+    state, metrics = prog.step(state, prog.global_batch(batch))
+  after = jax.device_get(state["params"])
+  m = jax.device_get(metrics)
+  assert np.isfinite(m["loss"]) and m["loss_inter_ctc"] > 0
+  for name in ("vq_in", "vq_out", "inter_ctc_head"):
+    assert np.abs(after[name]["kernel"] - before[name]["kernel"]).max() > 0, name

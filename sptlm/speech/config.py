@@ -50,6 +50,8 @@ class VQConfig:
   commitment_weight: float  # beta of the commitment loss ||h - sg(e)||^2
   restart_after: int  # a code unused for this many steps is re-seeded from the batch
   warmup_steps: int  # steps in which the layers above see the unquantized encoder output
+  code_dim: int = 0  # > 0: quantize a projection to this many dimensions (factorized codes)
+  normalize: bool = False  # quantize on the unit sphere (cosine similarity)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +136,8 @@ def validate(c: SpeechTokenizerConfig) -> None:
                       "50 Hz frame (0.02 s)")
   if not 0.0 < v.ema_decay < 1.0:
     raise ConfigError(f"vq.ema_decay={v.ema_decay} must be in (0, 1)")
+  if v.code_dim < 0:
+    raise ConfigError(f"vq.code_dim={v.code_dim} must be >= 0 (0: the model width)")
   if v.codebook_size < 2 or v.restart_after < 1:
     raise ConfigError("vq.codebook_size must be >= 2 and vq.restart_after >= 1")
   if c.asr.units < 8:

@@ -207,13 +207,19 @@ class Encoded(NamedTuple):
 
 class SpeechTokenizerModel(nnx.Module):
   def __init__(self, cfg: EncoderConfig, codebook_size: int, units: int, *, rngs: nnx.Rngs,
-               inter_ctc: bool = False):
+               inter_ctc: bool = False, code_dim: int = 0, normalize_codes: bool = False):
     self.cfg = cfg
     d = cfg.d_model
     self.conv1 = Conv1d(cfg.num_mels, d, 1, cfg, rngs=rngs)
     self.conv2 = Conv1d(d, d, 2, cfg, rngs=rngs)
     self.layers_before_vq = Layers(cfg, cfg.layers_before_vq, rngs=rngs)
-    self.vq = VectorQuantizer(codebook_size, d, rngs=rngs)
+    if code_dim:  # factorized codes: LN -> down to code_dim -> VQ -> back up to d_model
+      self.vq_layer_norm = LayerNorm(d, cfg, rngs=rngs)
+      self.vq_in = Linear(d, (code_dim,), ("embed", None), cfg, bias=True, rngs=rngs)
+      self.vq_out = Linear(code_dim, (d,), (None, "embed"), cfg, bias=True, rngs=rngs)
+    else:
+      self.vq_layer_norm = self.vq_in = self.vq_out = None
+    self.vq = VectorQuantizer(codebook_size, code_dim or d, rngs=rngs, normalize=normalize_codes)
     if cfg.ctc_upsample > 1:
       self.upsample_phase = _param(rngs, jax.nn.initializers.normal(cfg.init_std),
                                    (cfg.ctc_upsample, d), (None, "act_embed"),
@@ -254,9 +260,19 @@ class SpeechTokenizerModel(nnx.Module):
     h_BxNxD = x_BxTxD.reshape(b, n, per_token, cfg.d_model).mean(axis=2)
     return Encoded(h_BxNxD, valid_BxN, x_BxTxD)
 
+  def to_code_space(self, h_BxNxD: jax.Array) -> jax.Array:
+    """Pooled encoder output -> what the quantizer compares with its codes."""
+    if self.vq_in is None:
+      return h_BxNxD
+    return self.vq_in(self.vq_layer_norm(h_BxNxD))
+
+  def from_code_space(self, q_BxNxC: jax.Array) -> jax.Array:
+    """(Quantized) code vectors -> the model width, for the layers above the bottleneck."""
+    return q_BxNxC if self.vq_out is None else self.vq_out(q_BxNxC)
+
   def tokenize(self, mel_BxFxM: jax.Array, valid_BxN: jax.Array) -> jax.Array:
     """Features -> codes [B, N] (padding positions hold arbitrary codes)."""
-    return self.vq.nearest(self.encode(mel_BxFxM, valid_BxN).h_BxNxD)
+    return self.vq.nearest(self.to_code_space(self.encode(mel_BxFxM, valid_BxN).h_BxNxD))
 
   def ctc_logits(self, q_BxNxD: jax.Array, valid_BxN: jax.Array) -> jax.Array:
     """Quantized vectors -> CTC logits [B, N * up, U + 1] (float32); blank is 0."""
@@ -284,10 +300,12 @@ class SpeechTokenizerModel(nnx.Module):
 
   def logits_from_codes(self, codes_BxN: jax.Array, valid_BxN: jax.Array) -> jax.Array:
     """`transcribe --tokens`: stored codes -> CTC logits, without any audio."""
-    return self.ctc_logits(self.vq.lookup(codes_BxN), valid_BxN)
+    return self.ctc_logits(self.from_code_space(self.vq.lookup(codes_BxN)), valid_BxN)
 
 
 def build(cfg: EncoderConfig, codebook_size: int, units: int, seed: int, *,
-          inter_ctc: bool = False) -> SpeechTokenizerModel:
+          inter_ctc: bool = False, code_dim: int = 0,
+          normalize_codes: bool = False) -> SpeechTokenizerModel:
   return SpeechTokenizerModel(cfg, codebook_size, units, rngs=nnx.Rngs(params=seed),
-                              inter_ctc=inter_ctc)
+                              inter_ctc=inter_ctc, code_dim=code_dim,
+                              normalize_codes=normalize_codes)

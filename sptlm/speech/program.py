@@ -33,7 +33,8 @@ BATCH_NAMES = {"mel": ("batch", None, None), "valid": ("batch", None),
 
 def make_model(cfg: SpeechTokenizerConfig, units: int) -> model_lib.SpeechTokenizerModel:
   return model_lib.build(cfg.model, cfg.vq.codebook_size, units, cfg.train.seed,
-                         inter_ctc=cfg.asr.inter_ctc_weight > 0)
+                         inter_ctc=cfg.asr.inter_ctc_weight > 0, code_dim=cfg.vq.code_dim,
+                         normalize_codes=cfg.vq.normalize)
 
 
 def split_graphdef(model: nnx.Module) -> nnx.GraphDef:
@@ -53,9 +54,12 @@ def loss_fn(params: dict, vq_state: dict, graphdef: nnx.GraphDef, batch: dict[st
   model = nnx.merge(graphdef, params, vq_state)
   valid_BxN = batch["valid"] > 0
   enc = model.encode(batch["mel"], valid_BxN)
-  out = model.vq(enc.h_BxNxD)
-  above_BxNxD = jnp.where(quantize, out.quantized_BxNxD, enc.h_BxNxD)
-  logits_BxNxU = model.ctc_logits(above_BxNxD, valid_BxN)
+  z_BxNxC = model.to_code_space(enc.h_BxNxD)
+  out = model.vq(z_BxNxC)
+  if model.vq.normalize:
+    z_BxNxC = vq_lib.l2_normalize(z_BxNxC).astype(out.quantized_BxNxD.dtype)
+  above_BxNxC = jnp.where(quantize, out.quantized_BxNxD, z_BxNxC)
+  logits_BxNxU = model.ctc_logits(model.from_code_space(above_BxNxC), valid_BxN)
   frames_valid = jnp.repeat(valid_BxN, model.cfg.ctc_upsample, axis=1)
   ctc_B = optax.ctc_loss(logits_BxNxU, 1.0 - frames_valid.astype(jnp.float32), batch["labels"],
                          batch["label_paddings"], blank_id=0)
@@ -74,7 +78,7 @@ def loss_fn(params: dict, vq_state: dict, graphdef: nnx.GraphDef, batch: dict[st
     loss_inter = jnp.sum(inter_B) / n_labels
     loss = loss + inter_ctc_weight * loss_inter
   aux = {"loss_ctc": loss_ctc, "loss_commit": loss_commit, "loss_inter_ctc": loss_inter,
-         "h": enc.h_BxNxD,
+         "h": z_BxNxC,
          "codes": out.codes_BxN, "tokens": jnp.sum(w_BxN)}
   return loss, aux
 

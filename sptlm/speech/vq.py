@@ -31,8 +31,17 @@ class VQOutput(NamedTuple):
   commitment_BxN: jax.Array  # ||h - sg(e)||^2 / D per token
 
 
+def l2_normalize(x: jax.Array) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-12))
+
+
 class VectorQuantizer(nnx.Module):
-  def __init__(self, size: int, dim: int, *, rngs: nnx.Rngs):
+  """normalize=True: codes and inputs live on the unit sphere (nearest = highest cosine), as in
+  Yu et al. 2021's improved VQGAN: no code wins by norm alone and usage stays high."""
+
+  def __init__(self, size: int, dim: int, *, rngs: nnx.Rngs, normalize: bool = False):
+    self.normalize = normalize
     init = nnx_compat.init(jax.nn.initializers.normal(1.0), ("codebook", "embed"))
     self.codebook = CodebookState(init(rngs.params(), (size, dim), jnp.float32))
     zeros = nnx_compat.init(jax.nn.initializers.zeros, ("codebook",))
@@ -42,21 +51,27 @@ class VectorQuantizer(nnx.Module):
     never = nnx_compat.init(jax.nn.initializers.constant(1 << 30), ("codebook",))
     self.unused_steps = CodebookState(never(rngs.params(), (size,), jnp.int32))
 
+  def codes(self) -> jax.Array:
+    e_KxD = self.codebook.value
+    return l2_normalize(e_KxD) if self.normalize else e_KxD
+
   def lookup(self, codes_BxN: jax.Array) -> jax.Array:
-    return jnp.take(self.codebook.value, codes_BxN, axis=0)
+    return jnp.take(self.codes(), codes_BxN, axis=0)
 
   def nearest(self, h_BxNxD: jax.Array) -> jax.Array:
-    """Index of the nearest code (squared Euclidean distance, in float32)."""
-    h = h_BxNxD.astype(jnp.float32)
-    e_KxD = self.codebook.value
+    """Index of the nearest code (squared Euclidean distance, in float32; inputs normalized
+    first when the codes are)."""
+    h = l2_normalize(h_BxNxD) if self.normalize else h_BxNxD.astype(jnp.float32)
+    e_KxD = self.codes()
     dist_BxNxK = (jnp.sum(h * h, -1, keepdims=True) - 2.0 * jnp.einsum("bnd,kd->bnk", h, e_KxD)
                   + jnp.sum(e_KxD * e_KxD, -1))
     return jnp.argmin(dist_BxNxK, axis=-1).astype(jnp.int32)
 
   def __call__(self, h_BxNxD: jax.Array) -> VQOutput:
+    """h: the encoder output in code space (normalized here when the codes are)."""
     codes_BxN = self.nearest(h_BxNxD)
     e_BxNxD = jax.lax.stop_gradient(self.lookup(codes_BxN))
-    h = h_BxNxD.astype(jnp.float32)
+    h = l2_normalize(h_BxNxD) if self.normalize else h_BxNxD.astype(jnp.float32)
     commitment_BxN = jnp.mean(jnp.square(h - e_BxNxD), axis=-1)
     quantized = h + jax.lax.stop_gradient(e_BxNxD - h)
     return VQOutput(quantized.astype(h_BxNxD.dtype), codes_BxN, commitment_BxN)
