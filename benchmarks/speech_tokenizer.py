@@ -50,14 +50,16 @@ def main() -> None:
   parser.add_argument("--corpus", default="runs/speech_corpus")
   parser.add_argument("--workdir", default="runs/speech_tiny")
   parser.add_argument("--config", default="configs/speech_tokenizer_tiny.py")
-  parser.add_argument("--train", type=int, default=8000, help="training sentences")
+  parser.add_argument("--train", type=int, default=11000, help="training sentences")
   parser.add_argument("--test", type=int, default=300, help="held-out sentences")
+  parser.add_argument("--dev", type=int, default=200,
+                      help="other held-out sentences (decoding weights are chosen on them)")
   parser.add_argument("--skip-train", action="store_true", help="only evaluate WORKDIR")
   args, overrides = parser.parse_known_args()
 
   t0 = time.time()
   _sptlm(["build-corpus", "--out", args.corpus, "--train", str(args.train),
-          "--test", str(args.test)])
+          "--test", str(args.test), "--dev", str(args.dev)])
   corpus_s = time.time() - t0
   t0 = time.time()
   if not args.skip_train:
@@ -74,10 +76,16 @@ def main() -> None:
   rows = [json.loads(line) for line in (pathlib.Path(args.workdir) / "metrics.jsonl")
           .read_text().splitlines()]
   train_rows = [r for r in rows if "loss" in r]
+  wd = pathlib.Path(args.workdir)
+  decoding = (json.loads((wd / "asr_decoding.json").read_text())
+              if (wd / "asr_decoding.json").exists() else None)
   result: dict = {"device": f"{jax.devices()[0].platform} x {os.cpu_count()} cores",
+                  "decoding": {"lm": str(tok.lm), "beam": tok.beam, "alpha": tok.alpha,
+                               "beta": tok.beta, "tuned": decoding},
                   "corpus_build_s": round(corpus_s, 1),
                   "train_wall_s": round(train_s, 1) if not args.skip_train else None,
                   "steps": train_rows[-1]["step"], "final_loss_ctc": train_rows[-1]["loss_ctc"],
+                  "train_loop_s_to_last_step": round(train_rows[-1].get("elapsed_s", -1), 1),
                   "train_hours": json.loads((pathlib.Path(args.corpus) / "corpus.json")
                                             .read_text())["hours"]["train"]}
   heldout_codes = []
@@ -87,10 +95,18 @@ def main() -> None:
     t0 = time.time()
     codes = tok.encode(audios)
     enc_s = time.time() - t0
+    t0 = time.time()
     hyps = tok.decode(codes)
+    dec_s = time.time() - t0
+    greedy = [tok.units.greedy(lp.argmax(-1)) for lp in tok.log_probs(codes)]
+    refs = [u.text for u in utts]
     seconds = sum(len(a) for a in audios) / 16_000
     exact = all(len(c) == -(-len(a) // 1280) for c, a in zip(codes, audios))
-    result[split] = {"utterances": len(utts), "wer": wer_lib.wer([u.text for u in utts], hyps),
+    result[split] = {"utterances": len(utts), "wer": wer_lib.wer(refs, hyps),
+                     "wer_greedy": wer_lib.wer(refs, greedy),
+                     "cer_greedy": sum(wer_lib.edit_distance(list(r), list(g))
+                                       for r, g in zip(refs, greedy)) / sum(map(len, refs)),
+                     "decode_audio_s_per_s": seconds / dec_s,
                      "audio_s": round(seconds, 1), "tokens": int(sum(map(len, codes))),
                      "tokens_per_s": sum(map(len, codes)) / seconds,
                      "one_token_per_1280_samples": exact,

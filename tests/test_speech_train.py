@@ -209,5 +209,12 @@ def test_encode_and_transcribe_batch_jobs_survive_bad_inputs(trained, corpus_dir
   out, _ = _run(["transcribe", "--workdir", str(trained), str(speech)], env)
   (row,) = [json.loads(line) for line in out.splitlines()]
   assert row["audio"] == str(speech) and isinstance(row["text"], str)
+  out, _ = _run(["transcribe", "--workdir", str(trained), str(speech), "--beam", "1"], env)
+  (greedy_row,) = [json.loads(line) for line in out.splitlines()]
+  from sptlm.speech import audio as audio_lib
+  from sptlm.speech.tokenizer import SpeechTokenizer
+  samples = audio_lib.read(str(speech)).samples
+  assert row["text"] == SpeechTokenizer.load(trained).transcribe([samples])[0]  # LM beam search
+  assert greedy_row["text"] == SpeechTokenizer.load(trained, lm=None).transcribe([samples])[0]
   _, err = _run(["encode", "--workdir", str(tmp_path / "nowhere"), str(speech)], env, code=1)
   assert "not a tokenizer work directory" in err.strip().splitlines()[-1]

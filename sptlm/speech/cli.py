@@ -125,7 +125,9 @@ def _inputs(args: argparse.Namespace) -> list[str]:
 
 def _load(args: argparse.Namespace):
   from sptlm.speech.tokenizer import SpeechTokenizer
-  return SpeechTokenizer.load(args.workdir, batch=args.batch)
+  beam = getattr(args, "beam", None)
+  return SpeechTokenizer.load(args.workdir, batch=args.batch,
+                              **({"beam": beam} if beam is not None else {}))
 
 
 def _progress(items: Iterable, total: int, unit: str) -> Iterator:
@@ -300,6 +302,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
       "\"text\": ...} per WAV file, or per line of an `encode` output given with --tokens.")
   q.add_argument("audio", nargs="*", help="WAV files")
   q.add_argument("--tokens", help="JSON lines with a \"tokens\" list each (`encode` output)")
+  q.add_argument("--beam", type=int, default=None,
+                 help="beam width of the LM decoding (1: greedy CTC; default: the run's "
+                 "asr.beam, with WORKDIR/asr_lm.arpa)")
   _batch_args(q)
   q.set_defaults(func=cmd_transcribe)
 

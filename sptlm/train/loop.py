@@ -107,6 +107,7 @@ def run(tcfg: TrainConfig, workdir: str, config_json: str, *, program: Program, 
   pending: tuple[int, Any] | None = None  # (step number, device metrics) not yet fetched
   last: dict[str, Any] = {}
   window = {"t": time.perf_counter(), "tokens": 0.0}  # the throughput's current window
+  started = time.perf_counter()
   last_good = start_step
 
   def restart_window() -> None:
@@ -128,6 +129,7 @@ def run(tcfg: TrainConfig, workdir: str, config_json: str, *, program: Program, 
     if step_number % tcfg.log_every == 0 or step_number == tcfg.steps:
       rate = window["tokens"] / max(time.perf_counter() - window["t"], 1e-9)
       row, postfix = report(m, rate)
+      row["elapsed_s"] = time.perf_counter() - started  # this process's time in the loop so far
       writer.write(step_number, row)
       bar.set_postfix(**postfix)
       restart_window()
