@@ -4,10 +4,12 @@ BENCHMARKS.md for what it reaches in how long).
   sptlm tokenizer build-corpus --out runs/speech_corpus
   sptlm tokenizer train --config configs/speech_tokenizer_tiny.py --workdir runs/speech_tiny
 
-A Whisper-layout encoder (d=192, 2 layers below the VQ, 2 above), a 512-code EMA codebook at
-12.5 Hz, and a CTC head over letters at 50 Hz (each token repeated 4 times above the
-bottleneck). The full-scale recipe is whisper-large-v3 split 16 + 16 with a 16,384-code
-codebook; the keys are the same.
+A Whisper-layout encoder (d=192, 2 layers below the VQ, each looking 1 s either way, and 2
+above), a 1,024-code EMA codebook at 12.5 Hz, a CTC head over 32 SentencePiece units (letters
+and a few frequent pieces) at 50 Hz (each token repeated 4 times above the bottleneck) plus an
+intermediate CTC head on the 50 Hz frames below it; transcription decodes with a word 3-gram
+LM. The full-scale recipe is whisper-large-v3 split 16 + 16 with a 16,384-code codebook; the
+keys are the same.
 """
 
 import pathlib
@@ -18,17 +20,17 @@ import _common  # noqa: E402
 
 
 def get_config():
-  lm = _common.base(model={}, data={}, steps=3200)  # the LM recipe's train and mesh sections
+  lm = _common.base(model={}, data={}, steps=4300)  # the LM recipe's train and mesh sections
   c = lm.__class__()
   c.kind = "speech_tokenizer"
   c.name = "speech_tokenizer_tiny"
   c.model = dict(num_mels=128, d_model=192, num_heads=4, d_ff=768, layers_before_vq=2,
                  layers_after_vq=2, pool=4, block_causal_seconds=0.0, causal_stem=False,
                  max_seconds=30.0, ctc_upsample=4, dtype="float32", param_dtype="float32",
-                 init_std=0.02, attention_window_seconds=0.0)
-  c.vq = dict(codebook_size=512, ema_decay=0.99, commitment_weight=0.25, restart_after=20,
+                 init_std=0.02, attention_window_seconds=1.0)
+  c.vq = dict(codebook_size=1024, ema_decay=0.99, commitment_weight=0.25, restart_after=20,
               warmup_steps=200, code_dim=0, normalize=False)
-  c.asr = dict(unit_type="unigram", units=32, text_tokenizer="", inter_ctc_weight=0.0,
+  c.asr = dict(unit_type="unigram", units=32, text_tokenizer="", inter_ctc_weight=0.5,
                lm_order=3, lm_text=(), beam=32, lm_alpha=0.7, lm_beta=1.0)
   c.data = dict(corpus="runs/speech_corpus", train_split="train", eval_splits=("dev",),
                 batch_seconds=32.0, bucket_seconds=(2.56, 3.84, 5.12, 7.68), short_first=True,

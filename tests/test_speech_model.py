@@ -283,7 +283,9 @@ def test_attention_window_bounds_what_a_token_depends_on(units):
   assert frames.min() >= (i * 0.08 - reach) * 100 - 1e-6
   assert frames.max() < ((i + 1) * 0.08 + reach) * 100 + 1e-6
   assert frames.min() < i * 8 - 16 and frames.max() > (i + 1) * 8 + 16  # yet it does look around
-  full = program.make_model(small_config("--config.model.layers_before_vq=2"), cfg.asr.units)
+  full = program.make_model(small_config("--config.model.layers_before_vq=2",
+                                      "--config.model.attention_window_seconds=0.0"),
+                         cfg.asr.units)
   assert full.receptive_seconds == float("inf")
 
 
@@ -318,3 +320,17 @@ def test_factorized_unit_sphere_codes_train_and_ignore_scale(units):
   assert np.isfinite(m["loss"]) and m["loss_inter_ctc"] > 0
   for name in ("vq_in", "vq_out", "inter_ctc_head"):
     assert np.abs(after[name]["kernel"] - before[name]["kernel"]).max() > 0, name
+
+
+
+def test_tokenizer_context_covers_the_windowed_receptive_field(units):
+  """Windows of a long file get at least the receptive field of a token as context."""
+  cfg = small_config("--config.model.attention_window_seconds=0.2",
+                     "--config.model.layers_before_vq=2")
+  assert random_tokenizer(cfg, units, context_seconds=0.0).context == 7  # ceil(0.51 s * 12.5)
+  assert random_tokenizer(cfg, units).context == 25  # the 2 s default, when it is wider
+  wide = small_config("--config.model.attention_window_seconds=1.0",
+                      "--config.model.layers_before_vq=2")
+  assert random_tokenizer(wide, units).context == 27  # 2.11 s > the 2 s default
+  full = small_config("--config.model.attention_window_seconds=0.0")
+  assert random_tokenizer(full, units, context_seconds=0.0).context == 0

@@ -37,7 +37,7 @@ class EncoderConfig:
   param_dtype: str
   init_std: float
   # > 0: the layers below the VQ attend only this far each way, so a token depends on a bounded
-  # stretch of audio and long files encoded in overlapping windows give the whole-file tokens
+  # stretch of audio (plus its position in the window: the positional embedding is absolute)
   attention_window_seconds: float = 0.0
 
 

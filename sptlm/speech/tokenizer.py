@@ -134,7 +134,7 @@ class SpeechTokenizer:
     block = round(m.block_causal_seconds * TOKENS_PER_SECOND)
     self.align = block or 1  # block-causal: windows start on block boundaries
     # a windowed encoder's token depends on audio at most receptive_seconds away: give every
-    # window that much context and chunked tokens are the whole file's tokens
+    # window at least that much context (its position in the window still matters)
     reach = model_lib.receptive_seconds(m)
     if math.isfinite(reach):
       context_seconds = max(context_seconds, reach)
