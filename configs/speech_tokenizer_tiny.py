@@ -27,7 +27,8 @@ def get_config():
   c.model = dict(num_mels=128, d_model=192, num_heads=4, d_ff=768, layers_before_vq=2,
                  layers_after_vq=2, pool=4, block_causal_seconds=0.0, causal_stem=False,
                  max_seconds=30.0, ctc_upsample=4, dtype="float32", param_dtype="float32",
-                 init_std=0.02, attention_window_seconds=1.0)
+                 init_std=0.02, attention_window_seconds=1.0,
+                 conv_kernel=0)
   c.vq = dict(codebook_size=1024, ema_decay=0.99, commitment_weight=0.25, restart_after=20,
               warmup_steps=200, code_dim=0, normalize=False)
   c.asr = dict(unit_type="unigram", units=32, text_tokenizer="", inter_ctc_weight=0.5,

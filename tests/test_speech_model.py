@@ -334,3 +334,24 @@ def test_tokenizer_context_covers_the_windowed_receptive_field(units):
   assert random_tokenizer(wide, units).context == 27  # 2.11 s > the 2 s default
   full = small_config("--config.model.attention_window_seconds=0.0")
   assert random_tokenizer(full, units, context_seconds=0.0).context == 0
+
+
+def test_conformer_conv_module_reach_and_padding(units):
+  """model.conv_kernel adds a depthwise convolution to every layer: a token's reach grows by
+  kernel // 2 frames a layer, and padding frames never leak into real ones."""
+  cfg = small_config("--config.model.attention_window_seconds=0.16",
+                     "--config.model.layers_before_vq=2", "--config.model.conv_kernel=5")
+  model = program.make_model(cfg, cfg.asr.units)
+  assert model.receptive_seconds == pytest.approx(2 * (0.16 + 0.04) + 0.03 + 0.08)
+  n, i = 40, 20
+  mel = jax.random.normal(jax.random.key(0), (1, n * 8, cfg.model.num_mels))
+  valid = jnp.ones((1, n), bool)
+  g = np.asarray(jax.grad(lambda m: jnp.sum(model.encode(m, valid).h_BxNxD[:, i] ** 2))(mel))[0]
+  frames = np.nonzero(np.abs(g).sum(-1))[0]
+  reach = model.receptive_seconds
+  assert frames.min() >= (i * 0.08 - reach) * 100 - 1e-6
+  assert frames.max() < ((i + 1) * 0.08 + reach) * 100 + 1e-6
+  assert frames.min() < (i * 0.08 - 0.35) * 100  # beyond the attention alone (0.32 s + stem)
+  tok = random_tokenizer(cfg, units)
+  x = (np.random.default_rng(5).normal(size=20 * 1280) * 0.2).astype(np.float32)
+  np.testing.assert_array_equal(tok.encode([x])[0], tok.encode([x, np.tile(x, 2)])[0])

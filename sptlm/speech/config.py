@@ -39,6 +39,7 @@ class EncoderConfig:
   # > 0: the layers below the VQ attend only this far each way, so a token depends on a bounded
   # stretch of audio (plus its position in the window: the positional embedding is absolute)
   attention_window_seconds: float = 0.0
+  conv_kernel: int = 0  # > 0 (odd): a Conformer convolution module in every layer (not Whisper)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +135,8 @@ def validate(c: SpeechTokenizerConfig) -> None:
   if w < 0 or (w and abs(w / 0.02 - round(w / 0.02)) > 1e-6):
     raise ConfigError(f"model.attention_window_seconds={w} must be 0 or a multiple of one "
                       "50 Hz frame (0.02 s)")
+  if m.conv_kernel < 0 or (m.conv_kernel and m.conv_kernel % 2 == 0):
+    raise ConfigError(f"model.conv_kernel={m.conv_kernel} must be 0 (off) or odd")
   if not 0.0 < v.ema_decay < 1.0:
     raise ConfigError(f"vq.ema_decay={v.ema_decay} must be in (0, 1)")
   if v.code_dim < 0:

@@ -139,19 +139,52 @@ class SelfAttention(nnx.Module):
     return self.out_proj(out)
 
 
+class ConvModule(nnx.Module):
+  """Conformer's convolution module (Gulati et al. 2020), optional (model.conv_kernel): LN ->
+  pointwise to 2D -> GLU -> depthwise conv over time -> LN -> swish -> pointwise. Local
+  patterns (formant transitions, short phones) that attention learns only slowly."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    d, k = cfg.d_model, cfg.conv_kernel
+    pdt = DTYPES[cfg.param_dtype]
+    self.layer_norm = LayerNorm(d, cfg, rngs=rngs)
+    self.pointwise_in = Linear(d, (2 * d,), ("embed", "mlp"), cfg, bias=True, rngs=rngs)
+    self.depthwise = _param(rngs, jax.nn.initializers.normal(1.0 / math.sqrt(k)), (k, 1, d),
+                            (None, None, "act_embed"), pdt)
+    self.depthwise_bias = _param(rngs, jax.nn.initializers.zeros, (d,), ("act_embed",), pdt)
+    self.conv_layer_norm = LayerNorm(d, cfg, rngs=rngs)
+    self.pointwise_out = Linear(d, (d,), ("mlp", "embed"), cfg, bias=True, rngs=rngs)
+
+  def __call__(self, x_BxLxD: jax.Array, valid_BxL: jax.Array) -> jax.Array:
+    a, gate = jnp.split(self.pointwise_in(self.layer_norm(x_BxLxD)), 2, axis=-1)
+    h = a * jax.nn.sigmoid(gate) * valid_BxL[..., None].astype(a.dtype)  # padding stays zero
+    # depthwise "same" convolution as k shifted multiply-adds: XLA's grouped convolution is
+    # many times slower on CPU
+    w_KxD = self.depthwise.value[:, 0].astype(h.dtype)
+    k, length = w_KxD.shape[0], h.shape[1]
+    padded = jnp.pad(h, ((0, 0), (k // 2, k // 2), (0, 0)))
+    h = sum(padded[:, j:j + length] * w_KxD[j] for j in range(k))
+    h = jax.nn.silu(self.conv_layer_norm(h + self.depthwise_bias.value.astype(h.dtype)))
+    return self.pointwise_out(h)
+
+
 class EncoderLayer(nnx.Module):
-  """Whisper's pre-LN encoder layer: x + attn(LN(x)), then x + fc2(GELU(fc1(LN(x))))."""
+  """Whisper's pre-LN encoder layer: x + attn(LN(x)), then x + fc2(GELU(fc1(LN(x)))); with
+  model.conv_kernel, a Conformer convolution module between the two."""
 
   def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
     d, e = cfg.d_model, cfg.d_ff
     self.self_attn_layer_norm = LayerNorm(d, cfg, rngs=rngs)
     self.self_attn = SelfAttention(cfg, rngs=rngs)
+    self.conv = ConvModule(cfg, rngs=rngs) if cfg.conv_kernel else None
     self.final_layer_norm = LayerNorm(d, cfg, rngs=rngs)
     self.fc1 = Linear(d, (e,), ("embed", "mlp"), cfg, bias=True, rngs=rngs)
     self.fc2 = Linear(e, (d,), ("mlp", "embed"), cfg, bias=True, rngs=rngs)
 
   def __call__(self, x_BxLxD: jax.Array, mask_BxLxL: jax.Array) -> jax.Array:
     x_BxLxD = x_BxLxD + self.self_attn(self.self_attn_layer_norm(x_BxLxD), mask_BxLxL)
+    if self.conv is not None:  # a real frame's mask row sees itself: the diagonal is `valid`
+      x_BxLxD = x_BxLxD + self.conv(x_BxLxD, jnp.diagonal(mask_BxLxL, axis1=1, axis2=2))
     h_BxLxE = jax.nn.gelu(self.fc1(self.final_layer_norm(x_BxLxD)), approximate=False)
     h_BxLxE = sharding.constrain(h_BxLxE, ("batch", "length", "mlp"))
     x_BxLxD = x_BxLxD + self.fc2(h_BxLxE)
@@ -183,7 +216,8 @@ def receptive_seconds(cfg: EncoderConfig) -> float:
   attention): the windowed layers, the conv stem (30 ms) and, to be safe, one more token."""
   if not cfg.attention_window_seconds and cfg.layers_before_vq:
     return float("inf")
-  return cfg.layers_before_vq * cfg.attention_window_seconds + 0.03 + 0.02 * cfg.pool
+  conv = 0.02 * (cfg.conv_kernel // 2)  # each layer's depthwise convolution reaches this far
+  return cfg.layers_before_vq * (cfg.attention_window_seconds + conv) + 0.03 + 0.02 * cfg.pool
 
 
 def attention_mask(valid_BxL: jax.Array, block: int, window: int = 0) -> jax.Array:
