@@ -5,7 +5,8 @@ BENCHMARKS.md for what it reaches in how long).
   sptlm tokenizer train --config configs/speech_tokenizer_tiny.py --workdir runs/speech_tiny
 
 A Whisper-layout encoder (d=192, 2 layers below the VQ, each looking 1 s either way, and 2
-above), a 1,024-code EMA codebook at 12.5 Hz, a CTC head over 32 SentencePiece units (letters
+above; each layer with a Conformer convolution module, kernel 15, which learned about twice as
+fast per step on 2 cores as plain Whisper layers), a 1,024-code EMA codebook at 12.5 Hz, a CTC head over 32 SentencePiece units (letters
 and a few frequent pieces) at 50 Hz (each token repeated 4 times above the bottleneck) plus an
 intermediate CTC head on the 50 Hz frames below it; transcription decodes with a word 3-gram
 LM. The full-scale recipe is whisper-large-v3 split 16 + 16 with a 16,384-code codebook; the
@@ -20,7 +21,7 @@ import _common  # noqa: E402
 
 
 def get_config():
-  lm = _common.base(model={}, data={}, steps=4300)  # the LM recipe's train and mesh sections
+  lm = _common.base(model={}, data={}, steps=3000)  # the LM recipe's train and mesh sections
   c = lm.__class__()
   c.kind = "speech_tokenizer"
   c.name = "speech_tokenizer_tiny"
@@ -28,7 +29,7 @@ def get_config():
                  layers_after_vq=2, pool=4, block_causal_seconds=0.0, causal_stem=False,
                  max_seconds=30.0, ctc_upsample=4, dtype="float32", param_dtype="float32",
                  init_std=0.02, attention_window_seconds=1.0,
-                 conv_kernel=0)
+                 conv_kernel=15)
   c.vq = dict(codebook_size=1024, ema_decay=0.99, commitment_weight=0.25, restart_after=20,
               warmup_steps=200, code_dim=0, normalize=False)
   c.asr = dict(unit_type="unigram", units=32, text_tokenizer="", inter_ctc_weight=0.5,

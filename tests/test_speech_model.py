@@ -19,7 +19,7 @@ CONFIG = ROOT / "configs" / "speech_tokenizer_tiny.py"
 SMALL = ["--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.d_ff=64",
          "--config.model.layers_before_vq=1", "--config.model.layers_after_vq=1",
          "--config.vq.codebook_size=16", "--config.asr.unit_type=unigram",
-         "--config.asr.units=32"]
+         "--config.asr.units=32", "--config.model.conv_kernel=0"]  # tests opt in to the conv
 
 
 def small_config(*extra: str) -> config_lib.SpeechTokenizerConfig:
