@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from sptlm.speech import ctc_decode
-from sptlm.speech.ctc_decode import EOS, UNK, NgramLM, beam_search, decode_batch
+from sptlm.speech import ngram_lm
+from sptlm.speech.ctc_decode import beam_search, decode_batch
+from sptlm.speech.ngram_lm import EOS, UNK, NgramLM
 from sptlm.speech.units import Units, train_units
 
 SENTENCES = [
@@ -106,7 +107,7 @@ def _reference_kn(sentences: list[str], order: int):
       if g[0] != "<s>":
         adj[n - 1][g] = len({h for h in counts[n] if h[1:] == g})
   del adj[0][("<s>",)]
-  disc = [ctc_decode._discounts(a.values()) for a in adj]
+  disc = [ngram_lm._discounts(a.values()) for a in adj]
   vocab = len(adj[0]) + 1
 
   def p(w: str, ctx: tuple[str, ...]) -> float:
