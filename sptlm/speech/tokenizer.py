@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from sptlm.paths import local_copy
 from sptlm.speech import audio as audio_lib
 from sptlm.speech import features
 from sptlm.speech import config as config_lib
@@ -156,9 +157,9 @@ class SpeechTokenizer:
       raise FileNotFoundError(f"{wd} is not a tokenizer work directory (no config.json); "
                               "train one with `sptlm tokenizer train`")
     cfg = config_lib.from_json(cfg_path.read_text())
-    units = Units(_local_copy(wd / UNITS_FILE))
+    units = Units(local_copy(wd / UNITS_FILE))
     if "lm" not in kwargs and (wd / LM_FILE).exists():
-      kwargs["lm"] = NgramLM.load_arpa(_local_copy(wd / LM_FILE))
+      kwargs["lm"] = NgramLM.load_arpa(local_copy(wd / LM_FILE))
       log.info("decoding with the language model %s (%s)", wd / LM_FILE, kwargs["lm"])
     if (wd / DECODING_FILE).exists():  # weights chosen on held-out audio at the end of training
       tuned = json.loads((wd / DECODING_FILE).read_text())
@@ -310,15 +311,3 @@ def nnx_graphdef(cfg: SpeechTokenizerConfig, units: int):
   from flax import nnx
   abstract = nnx.eval_shape(lambda: program_lib.make_model(cfg, units))
   return program_lib.split_graphdef(abstract)
-
-
-def _local_copy(path: epath.Path) -> pathlib.Path:
-  """SentencePiece reads local files only; copy a gs:// one to a temporary file."""
-  if not path.exists():
-    raise FileNotFoundError(f"ASR unit model not found: {path}")
-  if str(path).startswith("gs://"):
-    import tempfile
-    tmp = pathlib.Path(tempfile.mkdtemp()) / path.name
-    tmp.write_bytes(path.read_bytes())
-    return tmp
-  return pathlib.Path(str(path))

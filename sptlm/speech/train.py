@@ -27,16 +27,17 @@ from etils import epath
 from tqdm import tqdm
 
 from sptlm import paths, sharding
+from sptlm.paths import local_copy
 from sptlm.speech import config as config_lib
 from sptlm.speech import corpus as corpus_lib
 from sptlm.speech import ctc_decode
 from sptlm.speech import input as input_lib
+from sptlm.speech import lm_text as lm_text_lib
 from sptlm.speech import program as program_lib
 from sptlm.speech import units as units_lib
 from sptlm.speech import wer as wer_lib
 from sptlm.speech.config import SpeechTokenizerConfig
-from sptlm.speech.tokenizer import (DECODING_FILE, LM_FILE, UNITS_FILE, SpeechTokenizer,
-                                   _local_copy)
+from sptlm.speech.tokenizer import DECODING_FILE, LM_FILE, UNITS_FILE, SpeechTokenizer
 from sptlm.train import checkpoint as checkpoint_lib
 from sptlm.train import loop
 from sptlm.train.loop import TrainingError
@@ -72,30 +73,34 @@ def _units(cfg: SpeechTokenizerConfig, source: corpus_lib.ManifestSource,
 
 def _language_model(cfg: SpeechTokenizerConfig, source: corpus_lib.ManifestSource,
                     wd: epath.Path) -> ctc_decode.NgramLM | None:
-  """The transcription LM: WORKDIR/asr_lm.arpa, else trained (once) on the training
-  transcripts, the corpus's lm_text.txt and asr.lm_text, minus every held-out transcript."""
+  """The transcription LM: WORKDIR/asr_lm.arpa, else trained (once) on the corpus's
+  lm_text.txt (a built corpus: its sources' sentences outside the held-out splits, the training
+  transcripts among them) or the training transcripts, plus asr.lm_text (files or directories,
+  with whatever overlaps the held-out transcripts left out: sptlm.speech.lm_text)."""
   if not cfg.asr.lm_order:
     return None
   path = wd / LM_FILE
   if path.exists():
-    return ctc_decode.NgramLM.load_arpa(_local_copy(path))
-  texts = [u.text for u in source.utterances(cfg.data.train_split)]
-  files = [pathlib.Path(source.root) / corpus_lib.LM_TEXT] if source.root else []
-  files = [f for f in files if f.is_file()] + [paths.resolve(t) for t in cfg.asr.lm_text]
-  for f in files:
-    if not f.is_file():
-      raise FileNotFoundError(f"asr.lm_text file not found: {f}")
-    texts += [corpus_lib.normalize_text(line) for line in
-              f.read_text(encoding="utf-8", errors="replace").splitlines()]
+    return ctc_decode.NgramLM.load_arpa(local_copy(path))
   heldout = {u.text for split in source.splits() if split != cfg.data.train_split
              for u in source.utterances(split)}
-  lm = ctc_decode.NgramLM.train([t for t in texts if t and t not in heldout], cfg.asr.lm_order)
+  own = pathlib.Path(source.root) / corpus_lib.LM_TEXT if source.root else None
+  if own is not None and own.is_file():
+    texts = [corpus_lib.normalize_text(line) for line in
+             own.read_text(encoding="utf-8", errors="replace").splitlines()]
+  else:
+    texts = [u.text for u in source.utterances(cfg.data.train_split)]
+  texts = [t for t in texts if t and t not in heldout]
+  extra = lm_text_lib.read([paths.resolve(t) for t in cfg.asr.lm_text], heldout)
+  if cfg.asr.lm_text:
+    log.info("asr.lm_text: %s", extra.summary())
+  lm = ctc_decode.NgramLM.train(texts + extra.sentences, cfg.asr.lm_order)
   if jax.process_index() == 0:
     tmp = pathlib.Path(tempfile.mkdtemp()) / LM_FILE
     lm.save_arpa(tmp)
     path.write_bytes(tmp.read_bytes())
-  log.info("trained the transcription LM %s on %d sentences (%d files)", lm, len(texts),
-           len(files))
+  log.info("trained the transcription LM %s on %d corpus and %d extra sentences", lm,
+           len(texts), len(extra.sentences))
   return lm
 
 
