@@ -29,7 +29,7 @@ def get_config():
                  layers_after_vq=2, pool=4, block_causal_seconds=0.0, causal_stem=False,
                  max_seconds=30.0, ctc_upsample=4, dtype="float32", param_dtype="float32",
                  init_std=0.02, attention_window_seconds=1.0,
-                 conv_kernel=15)
+                 conv_kernel=15, token_rate_layers=0, positions="sinusoid")
   c.vq = dict(codebook_size=1024, ema_decay=0.99, commitment_weight=0.25, restart_after=20,
               warmup_steps=200, code_dim=0, normalize=False)
   c.asr = dict(unit_type="unigram", units=32, text_tokenizer="", inter_ctc_weight=0.5,

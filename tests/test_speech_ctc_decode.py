@@ -320,7 +320,8 @@ def test_tokenizer_loads_the_lm_and_decodes_with_it(tmp_path, char_model, chars,
   cfg = config_lib.load(pathlib.Path(__file__).parents[1] / "configs" / "speech_tokenizer_tiny.py",
                         ["--config.model.d_model=32", "--config.model.num_heads=2",
                          "--config.model.d_ff=64", "--config.model.layers_before_vq=1",
-                         "--config.model.layers_after_vq=1", "--config.vq.codebook_size=16",
+                         "--config.model.layers_after_vq=1", "--config.model.token_rate_layers=0",
+                         "--config.vq.codebook_size=16",
                          f"--config.asr.units={chars.size}"])
   wd = tmp_path / "run"
   wd.mkdir()

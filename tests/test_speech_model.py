@@ -1,6 +1,7 @@
 """The tokenizer model: Whisper layout, exactly 12.5 tokens per second, chunking without lost
 or repeated tokens, the EMA codebook and its dead-code restart, block-causal streaming."""
 
+import math
 import pathlib
 
 import jax
@@ -19,7 +20,8 @@ CONFIG = ROOT / "configs" / "speech_tokenizer_tiny.py"
 SMALL = ["--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.d_ff=64",
          "--config.model.layers_before_vq=1", "--config.model.layers_after_vq=1",
          "--config.vq.codebook_size=16", "--config.asr.unit_type=unigram",
-         "--config.asr.units=32", "--config.model.conv_kernel=0"]  # tests opt in to the conv
+         "--config.asr.units=32", "--config.model.conv_kernel=0",
+         "--config.model.token_rate_layers=0"]  # tests opt in to the conv, 12.5 Hz layers
 
 
 def small_config(*extra: str) -> config_lib.SpeechTokenizerConfig:
@@ -355,3 +357,57 @@ def test_conformer_conv_module_reach_and_padding(units):
   tok = random_tokenizer(cfg, units)
   x = (np.random.default_rng(5).normal(size=20 * 1280) * 0.2).astype(np.float32)
   np.testing.assert_array_equal(tok.encode([x])[0], tok.encode([x, np.tile(x, 2)])[0])
+
+
+def test_token_rate_layers_run_at_12_5_hz_then_upsample(units):
+  """model.token_rate_layers: layers above the VQ at the token rate, then a per-phase
+  projection gives each token ctc_upsample distinct CTC frames; padding tokens change nothing
+  real, and too many such layers is a config error naming the key."""
+  cfg = small_config("--config.model.layers_after_vq=2", "--config.model.token_rate_layers=1")
+  model = program.make_model(cfg, cfg.asr.units)
+  assert model.token_rate_layers.num == 1 and model.layers_after_vq.num == 1
+  up = cfg.model.ctc_upsample
+  q = jax.random.normal(jax.random.key(0), (1, 12, cfg.model.d_model))
+  valid = jnp.arange(12)[None] < 9
+  logits = np.asarray(model.ctc_logits(q, valid))
+  assert logits.shape == (1, 12 * up, cfg.asr.units + 1)
+  frames = logits[0, :9 * up].reshape(9, up, -1)
+  assert np.abs(frames[:, 0] - frames[:, 1]).max() > 1e-3  # the phases differ
+  q2 = q.at[:, 9:].set(5.0)  # other padding values
+  np.testing.assert_allclose(np.asarray(model.ctc_logits(q2, valid))[0, :9 * up],
+                             logits[0, :9 * up], atol=1e-5)
+  with pytest.raises(config_lib.ConfigError, match="token_rate_layers"):
+    small_config("--config.model.token_rate_layers=2")
+
+
+def test_rope_below_the_vq_makes_chunked_tokens_equal_whole_file_tokens(units):
+  """model.positions=rope: with windowed attention a token depends on nearby audio only, not
+  on where it sits in the window, so windows with the receptive field as context give the
+  whole file's tokens; Whisper's absolute sinusoids do not."""
+  rng = np.random.default_rng(3)
+  t = np.arange(640) / 16_000
+  audio = np.concatenate([rng.uniform(0.01, 0.5) * np.sin(2 * np.pi * rng.uniform(100, 4000) * t)
+                          for _ in range(240)]).astype(np.float32)  # 120 tokens of tones
+  mel = features.log_mel(audio)
+  agreement = {}
+  for positions in ("rope", "sinusoid"):
+    cfg = small_config("--config.model.attention_window_seconds=0.2",
+                       "--config.model.layers_before_vq=2", "--config.model.conv_kernel=3",
+                       f"--config.model.positions={positions}", "--config.model.init_std=0.2")
+    model = program.make_model(cfg, cfg.asr.units)
+    proj = jnp.asarray(rng.normal(size=(cfg.model.d_model, 16)), jnp.float32)
+    center = model.encode(mel[None], jnp.ones((1, 120), bool)).h_BxNxD[0].mean(0)
+
+    @jax.jit
+    def tokens(mel_BxFxM, valid_BxN):  # the encoder, quantized to 16 random directions
+      h = model.encode(mel_BxFxM, valid_BxN > 0).h_BxNxD - center
+      return jnp.argmax(h @ proj, axis=-1)
+
+    whole = np.asarray(tokens(mel[None], np.ones((1, 120), np.int32)))[0]
+    assert len(set(whole.tolist())) > 5
+    context = math.ceil(model.receptive_seconds * 12.5)
+    chunked = tokenizer.run_windows(tokenizer.plan_windows(120, 40, context), [mel], 8, tokens,
+                                    batch=4, max_window=40)[0]
+    agreement[positions] = np.mean(chunked == whole)
+  assert agreement["rope"] == 1.0, agreement
+  assert agreement["sinusoid"] < 0.9, agreement

@@ -27,6 +27,7 @@ SENTENCES = [
 ]
 TINY = ["--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.d_ff=64",
         "--config.model.layers_before_vq=1", "--config.model.layers_after_vq=1",
+        "--config.model.token_rate_layers=1",
         "--config.vq.codebook_size=32", "--config.vq.restart_after=5", "--config.asr.units=40",
         "--config.data.bucket_seconds=(3.84,)", "--config.data.batch_seconds=32.0",
         "--config.data.eval_splits=()", "--config.train.warmup_steps=2",
@@ -89,8 +90,14 @@ def corpus_dir(tmp_path_factory, env) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, corpus_dir, env) -> pathlib.Path:
   workdir = tmp_path_factory.mktemp("run")
+  # extra LM text: an unrelated document, and the corpus's own source (it holds the held-out
+  # sentences, so it must be left out whole)
+  extra = tmp_path_factory.mktemp("lm_text")
+  (extra / "other.txt").write_text("The quokka smiles at the wombat.\n")
+  (extra / "source.txt").write_text("\n\n".join(s.capitalize() + "." for s in SENTENCES))
   _run(["train", "--config", CONFIG, "--workdir", str(workdir),
-        f"--config.data.corpus={corpus_dir}", "--config.train.steps=40", *TINY], env)
+        f"--config.data.corpus={corpus_dir}", "--config.train.steps=40",
+        f"--config.asr.lm_text=('{extra}',)", *TINY], env)
   return workdir
 
 
@@ -113,6 +120,7 @@ def test_training_lowers_the_loss(trained, corpus_dir):
   held_words = {w for r in rows if r["split"] != "train" for w in r["text"].split()}
   assert train_words <= set(lm.vocab) and held_words - train_words
   assert not (held_words - train_words) & set(lm.vocab)
+  assert {"quokka", "wombat"} <= set(lm.vocab)
   tuned = json.loads((trained / "asr_decoding.json").read_text())
   assert tuned["split"] == "dev" and 0.0 <= tuned["wer"] <= 1.0 and tuned["alpha"] > 0
 

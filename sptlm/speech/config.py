@@ -40,6 +40,13 @@ class EncoderConfig:
   # stretch of audio (plus its position in the window: the positional embedding is absolute)
   attention_window_seconds: float = 0.0
   conv_kernel: int = 0  # > 0 (odd): a Conformer convolution module in every layer (not Whisper)
+  # the first this many of layers_after_vq run at the token rate (12.5 Hz, a quarter of the cost
+  # of a 50 Hz layer); a per-phase projection then makes the ctc_upsample frames of each token
+  token_rate_layers: int = 0
+  # positions below the VQ: "sinusoid" (Whisper's absolute embedding: a token depends on where
+  # it sits in its window) or "rope" (rotary, relative: with attention_window_seconds, chunked
+  # and whole-file tokens agree)
+  positions: str = "sinusoid"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +71,11 @@ class AsrConfig:
   text_tokenizer: str  # a SentencePiece model; "" trains one on the training transcripts
   inter_ctc_weight: float = 0.0  # > 0: + this x a CTC loss on the 50 Hz frames below the VQ
   # transcription: CTC prefix beam search with a word n-gram LM (sptlm.speech.ctc_decode) trained
-  # at the start of training on the training transcripts, the corpus's lm_text.txt and lm_text
+  # at the start of training on the corpus's lm_text.txt (else its training transcripts) and
+  # lm_text: text files or directories of *.txt (`sptlm tokenizer fetch-lm-text`); a file that
+  # overlaps the held-out sentences is left out whole (sptlm.speech.lm_text)
   lm_order: int = 3  # 0: no language model, greedy CTC decoding
-  lm_text: tuple[str, ...] = ()  # more text files (one sentence a line) for the LM
+  lm_text: tuple[str, ...] = ()
   beam: int = 32
   lm_alpha: float = 0.7  # weight of the LM log-probability of each word
   lm_beta: float = 1.0  # bonus per word (counters the LM's preference for fewer words)
@@ -147,6 +156,11 @@ def validate(c: SpeechTokenizerConfig) -> None:
     raise ConfigError(f"asr.units={c.asr.units} must be at least 8")
   if c.asr.inter_ctc_weight < 0:
     raise ConfigError(f"asr.inter_ctc_weight={c.asr.inter_ctc_weight} must be >= 0")
+  if m.positions not in ("sinusoid", "rope"):
+    raise ConfigError(f"model.positions must be 'sinusoid' or 'rope', not {m.positions!r}")
+  if not 0 <= m.token_rate_layers <= m.layers_after_vq:
+    raise ConfigError(f"model.token_rate_layers={m.token_rate_layers} must be within 0.."
+                      f"model.layers_after_vq={m.layers_after_vq}")
   if c.asr.inter_ctc_weight > 0 and m.pool < m.ctc_upsample:
     raise ConfigError(f"asr.inter_ctc_weight > 0 needs model.pool={m.pool} >= model.ctc_upsample="
                       f"{m.ctc_upsample}: the frames below the pooling must fit the CTC labels")

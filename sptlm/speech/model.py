@@ -40,12 +40,13 @@ import numpy as np
 from flax import nnx
 
 from sptlm import sharding
-from sptlm.model import attention, nnx_compat
+from sptlm.model import attention, nnx_compat, rotary
 from sptlm.speech.config import EncoderConfig
 from sptlm.speech.vq import VectorQuantizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 FRAMES_PER_TOKEN = 8  # 100 Hz mel frames per 12.5 Hz token (stride 2, then pool 4)
+ROPE_THETA = 10_000.0
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10_000.0) -> np.ndarray:
@@ -121,7 +122,11 @@ class Conv1d(nnx.Module):
 
 
 class SelfAttention(nnx.Module):
-  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+  """Whisper's attention; with `rope`, queries and keys are rotated by their frame (rotary
+  positions, no parameters), so attention sees only relative positions."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs, rope: bool = False):
+    self.rope = rope
     d, h = cfg.d_model, cfg.num_heads
     dh = d // h
     qkv = ("embed", "heads", "head_dim")
@@ -134,8 +139,13 @@ class SelfAttention(nnx.Module):
   def __call__(self, x_BxLxD: jax.Array, mask_BxLxL: jax.Array) -> jax.Array:
     q_BxLxHxDh = sharding.constrain(self.q_proj(x_BxLxD), ("batch", "length", "heads",
                                                            "head_dim"))
-    out = attention.masked_attention(q_BxLxHxDh, self.k_proj(x_BxLxD), self.v_proj(x_BxLxD),
-                                     mask_BxLxL)
+    k_BxLxHxDh = self.k_proj(x_BxLxD)
+    if self.rope:
+      pos_BxL = jnp.broadcast_to(jnp.arange(x_BxLxD.shape[1]), x_BxLxD.shape[:2])
+      q_BxLxHxDh, k_BxLxHxDh = (rotary.apply_rotary(t, pos_BxL, theta=ROPE_THETA, fraction=1.0,
+                                                    style="rotate_half")
+                                for t in (q_BxLxHxDh, k_BxLxHxDh))
+    out = attention.masked_attention(q_BxLxHxDh, k_BxLxHxDh, self.v_proj(x_BxLxD), mask_BxLxL)
     return self.out_proj(out)
 
 
@@ -172,10 +182,10 @@ class EncoderLayer(nnx.Module):
   """Whisper's pre-LN encoder layer: x + attn(LN(x)), then x + fc2(GELU(fc1(LN(x)))); with
   model.conv_kernel, a Conformer convolution module between the two."""
 
-  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs, rope: bool = False):
     d, e = cfg.d_model, cfg.d_ff
     self.self_attn_layer_norm = LayerNorm(d, cfg, rngs=rngs)
-    self.self_attn = SelfAttention(cfg, rngs=rngs)
+    self.self_attn = SelfAttention(cfg, rngs=rngs, rope=rope)
     self.conv = ConvModule(cfg, rngs=rngs) if cfg.conv_kernel else None
     self.final_layer_norm = LayerNorm(d, cfg, rngs=rngs)
     self.fc1 = Linear(d, (e,), ("embed", "mlp"), cfg, bias=True, rngs=rngs)
@@ -194,10 +204,10 @@ class EncoderLayer(nnx.Module):
 class Layers(nnx.Module):
   """A stack of encoder layers with parameters on a leading `layers` axis, run by scan."""
 
-  def __init__(self, cfg: EncoderConfig, num: int, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: EncoderConfig, num: int, *, rngs: nnx.Rngs, rope: bool = False):
     self.num = num
     if num:
-      self.stack = nnx_compat.stacked(lambda r: EncoderLayer(cfg, rngs=r), num, rngs)
+      self.stack = nnx_compat.stacked(lambda r: EncoderLayer(cfg, rngs=r, rope=rope), num, rngs)
 
   def __call__(self, x_BxLxD: jax.Array, mask_BxLxL: jax.Array) -> jax.Array:
     if not self.num:
@@ -246,7 +256,8 @@ class SpeechTokenizerModel(nnx.Module):
     d = cfg.d_model
     self.conv1 = Conv1d(cfg.num_mels, d, 1, cfg, rngs=rngs)
     self.conv2 = Conv1d(d, d, 2, cfg, rngs=rngs)
-    self.layers_before_vq = Layers(cfg, cfg.layers_before_vq, rngs=rngs)
+    self.layers_before_vq = Layers(cfg, cfg.layers_before_vq, rngs=rngs,
+                                   rope=cfg.positions == "rope")
     if code_dim:  # factorized codes: LN -> down to code_dim -> VQ -> back up to d_model
       self.vq_layer_norm = LayerNorm(d, cfg, rngs=rngs)
       self.vq_in = Linear(d, (code_dim,), ("embed", None), cfg, bias=True, rngs=rngs)
@@ -254,11 +265,17 @@ class SpeechTokenizerModel(nnx.Module):
     else:
       self.vq_layer_norm = self.vq_in = self.vq_out = None
     self.vq = VectorQuantizer(codebook_size, code_dim or d, rngs=rngs, normalize=normalize_codes)
+    self.token_rate_layers = Layers(cfg, cfg.token_rate_layers, rngs=rngs)
+    if cfg.token_rate_layers and cfg.ctc_upsample > 1:  # each token's frames: own linear maps
+      self.upsample_proj = Linear(d, (cfg.ctc_upsample, d), ("embed", None, "act_embed"), cfg,
+                                  bias=False, rngs=rngs)
+    else:
+      self.upsample_proj = None
     if cfg.ctc_upsample > 1:
       self.upsample_phase = _param(rngs, jax.nn.initializers.normal(cfg.init_std),
                                    (cfg.ctc_upsample, d), (None, "act_embed"),
                                    DTYPES[cfg.param_dtype])
-    self.layers_after_vq = Layers(cfg, cfg.layers_after_vq, rngs=rngs)
+    self.layers_after_vq = Layers(cfg, cfg.layers_after_vq - cfg.token_rate_layers, rngs=rngs)
     self.layer_norm = LayerNorm(d, cfg, rngs=rngs)
     self.ctc_head = Linear(d, (units + 1,), ("embed", "vocab"), cfg, bias=True, rngs=rngs)
     if inter_ctc:  # training-only head below the bottleneck (not part of Whisper's layout)
@@ -284,7 +301,8 @@ class SpeechTokenizerModel(nnx.Module):
     x = jax.nn.gelu(self.conv1(mel_BxFxM.astype(dt)), approximate=False)
     x_BxTxD = jax.nn.gelu(self.conv2(x), approximate=False)
     t = x_BxTxD.shape[1]
-    x_BxTxD = x_BxTxD + jnp.asarray(sinusoids(t, cfg.d_model), dt)
+    if cfg.positions == "sinusoid":  # Whisper's; with "rope" the attention rotates q and k
+      x_BxTxD = x_BxTxD + jnp.asarray(sinusoids(t, cfg.d_model), dt)
     x_BxTxD = sharding.constrain(x_BxTxD, ("batch", "length", "act_embed"))
     per_token = cfg.pool
     valid_BxT = jnp.repeat(valid_BxN, per_token, axis=1)
@@ -315,9 +333,16 @@ class SpeechTokenizerModel(nnx.Module):
     up = cfg.ctc_upsample
     b, n, d = q_BxNxD.shape
     x = q_BxNxD.astype(dt)
+    if cfg.token_rate_layers:  # the first layers above the VQ at 12.5 Hz: a quarter the cost
+      x = x + jnp.asarray(sinusoids(n, d), dt)
+      x = self.token_rate_layers(x, attention_mask(valid_BxN, self.block_tokens))
     if up > 1:  # [B, N, D] -> [B, N * up, D]: each token once per CTC frame, phase-marked
-      x = (x[:, :, None, :] + self.upsample_phase.value.astype(dt)).reshape(b, n * up, d)
-    x = x + jnp.asarray(sinusoids(n * up, d), dt)
+      x_BxNxUxD = x[:, :, None, :] + self.upsample_phase.value.astype(dt)
+      if self.upsample_proj is not None:
+        x_BxNxUxD = x_BxNxUxD + self.upsample_proj(x)
+      x = x_BxNxUxD.reshape(b, n * up, d)
+    if not cfg.token_rate_layers:
+      x = x + jnp.asarray(sinusoids(n * up, d), dt)
     mask = attention_mask(jnp.repeat(valid_BxN, up, axis=1), self.block_tokens * up)
     x = self.layers_after_vq(x, mask)
     return self.ctc_head(self.layer_norm(x)).astype(jnp.float32)
