@@ -340,7 +340,8 @@ class ManifestSource:
 
 def export_tfds(spec: str, out: pathlib.Path, splits: Sequence[str]) -> pathlib.Path:
   """Writes a TFDS speech dataset (`tfds:librispeech`, features `speech` and `text`) out as
-  16 kHz WAV files plus a manifest, once; needs tensorflow-datasets and the prepared data."""
+  16 kHz WAV files plus a manifest, once; needs tensorflow-datasets and the prepared data
+  (under $TFDS_DATA_DIR, else TFDS's default ~/tensorflow_datasets)."""
   name = spec.removeprefix("tfds:")
   manifest = out / "manifest.jsonl"
   if manifest.exists():
@@ -354,7 +355,8 @@ def export_tfds(spec: str, out: pathlib.Path, splits: Sequence[str]) -> pathlib.
   with (out / "manifest.jsonl.part").open("w") as f:
     for split in splits:
       try:
-        ds, info = tfds.load(name, split=split, with_info=True, download=False)
+        ds, info = tfds.load(name, split=split, with_info=True, download=False,
+                             data_dir=os.environ.get("TFDS_DATA_DIR") or None)
       except Exception as e:  # noqa: BLE001 - any TFDS failure is a setup problem to report
         raise ValueError(f"TFDS {name!r} split {split!r} is not available: "
                          f"{str(e).splitlines()[0][:200]}") from None
