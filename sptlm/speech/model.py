@@ -1,8 +1,8 @@
 """Whisper-style speech encoder with a VQ bottleneck: the 12.5 Hz supervised speech tokenizer.
 
   log-mel [B, 8N, 128] (100 Hz)
-    -> conv1 (k3) + GELU -> conv2 (k3, stride 2) + GELU -> + sinusoids      [B, 4N, D] (50 Hz)
-    -> layers_before_vq (pre-LN transformer layers)
+    -> conv1 (k3) + GELU -> conv2 (k3, stride 2) + GELU [-> + sinusoids]   [B, 4N, D] (50 Hz)
+    -> layers_before_vq (pre-LN transformer layers; positions=rope: rotary q, k instead)
     -> average pooling x4                                                     [B, N, D] (12.5 Hz)
     -> vector quantizer (EMA codebook)           => the tokens: codes [B, N] in [0, K)
     -> repeat x ctc_upsample + phase embedding + sinusoids
