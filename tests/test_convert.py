@@ -193,13 +193,22 @@ def hf_model(family: str, dtype: torch.dtype) -> Any:
   return model.to(dtype).eval()
 
 
-FAMILY_OVERRIDES = {
-    "llama": ["model.d_model=128", "model.norm_eps=1e-5"],
-    "qwen2": ["model.qkv_bias=True", "model.rope_theta=1e6", "model.tie_embeddings=False",
-              "model.norm_eps=1e-6"],
-    "glm": ["model.qkv_bias=True", "model.rope_style='interleaved'", "model.rope_fraction=0.5",
-            "model.tie_embeddings=False", "model.norm_eps=1.5625e-7"],
+# What from-hf derives from each family's hf_model() where configs/tiny.py (at 2 layers) differs.
+DERIVED_CHANGES = {
+    "llama": set(),
+    "qwen2": {"model.qkv_bias: False -> True", "model.rope_theta: 10000.0 -> 1000000.0",
+              "model.tie_embeddings: True -> False", "model.norm_eps: 1e-05 -> 1e-06"},
+    "glm": {"model.qkv_bias: False -> True", "model.rope_fraction: 1.0 -> 0.5",
+            "model.rope_style: 'rotate_half' -> 'interleaved'",
+            "model.tie_embeddings: True -> False", "model.norm_eps: 1e-05 -> 1.5625e-07"},
 }
+
+
+def import_hf(src: pathlib.Path, cfg: config_lib.Config, out: pathlib.Path) -> config_lib.Config:
+  """from-hf as the CLI runs it; returns the derived config the checkpoint was written with."""
+  derivation = from_hf.derive(str(src), cfg)
+  from_hf.import_(derivation, str(out))
+  return derivation.config
 
 
 @pytest.mark.parametrize("family,dtype", [("llama", "float32"), ("qwen2", "float32"),
@@ -207,8 +216,10 @@ FAMILY_OVERRIDES = {
 def test_from_hf_matches_transformers_and_round_trips_exactly(tmp_path, family, dtype):
   source = hf_model(family, getattr(torch, dtype))
   source.save_pretrained(str(tmp_path / "src"))
-  cfg = load_cfg(*FAMILY_OVERRIDES[family])
-  from_hf.import_(str(tmp_path / "src"), cfg, str(tmp_path / "imported"))
+  derivation = from_hf.derive(str(tmp_path / "src"), load_cfg())  # the tiny config's model
+  assert {str(r) for r in derivation.rows if r.changed} == DERIVED_CHANGES[family]
+  cfg = derivation.config
+  from_hf.import_(derivation, str(tmp_path / "imported"))
 
   # Text logits of the import == transformers' (the model in float32 either way).
   _, ours = verify.sptlm_logits_fn(str(tmp_path / "imported"))
@@ -236,10 +247,13 @@ def test_from_hf_matches_transformers_and_round_trips_exactly(tmp_path, family, 
 def test_from_hf_checkpoint_loads_as_init_from_and_new_rows_sit_at_the_mean(tmp_path):
   source = hf_model("qwen2", torch.float32)
   source.save_pretrained(str(tmp_path / "src"))
-  cfg = load_cfg(*FAMILY_OVERRIDES["qwen2"], "mesh.fsdp=1", "mesh.tensor=1")
-  from_hf.import_(str(tmp_path / "src"), cfg, str(tmp_path / "init"))
+  derived = import_hf(tmp_path / "src", load_cfg(), tmp_path / "init")
 
-  # Exactly what the trainer does with train.init_from.
+  # Exactly what the trainer does with train.init_from, run from the written OUT/config.py.
+  cfg = config_lib.load(tmp_path / "init" / "config.py", ["mesh.fsdp=1", "mesh.tensor=1"])
+  assert cfg.train.init_from == str(tmp_path / "init")
+  assert cfg.model == derived.model and cfg.vocab == derived.vocab and cfg.data == derived.data
+  assert config_lib.from_json((tmp_path / "init" / "config.json").read_text()) == derived
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   program = program_lib.build(cfg, mesh)
   src = checkpoint_lib.Checkpointer(str(tmp_path / "init"), keep=2, async_save=False)
@@ -269,8 +283,8 @@ def test_import_keeps_the_source_tokenizer_for_the_way_back(tmp_path):
   src_tok.add_tokens([AddedToken("<|user|>", special=True, normalized=False)],
                      special_tokens=True)
   src_tok.save_pretrained(str(tmp_path / "src"))
-  cfg = load_cfg(*FAMILY_OVERRIDES["llama"], "vocab.text_size=1040")
-  from_hf.import_(str(tmp_path / "src"), cfg, str(tmp_path / "imported"))
+  cfg = import_hf(tmp_path / "src", load_cfg(), tmp_path / "imported")
+  assert cfg.vocab.text_size == 1040
   to_hf.export(str(tmp_path / "imported"), str(tmp_path / "back"))
 
   vocab = program_lib.vocabulary(cfg)
@@ -355,18 +369,59 @@ def test_cli_verify_prints_the_three_measures(tmp_path, capsys):
     assert float(row[2]) < ATOL and float(row[3]) < 1e-9 and float(row[4]) == 1.0
 
 
-def test_from_hf_config_mismatch_is_one_line_naming_the_key(tmp_path):
+def test_cli_from_hf_derives_the_model_and_prints_what_changed(tmp_path, capsys, monkeypatch):
+  """configs/tiny.py unchanged: every shape key comes from the Hugging Face model."""
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=1100, hidden_size=96, intermediate_size=256, num_hidden_layers=3,
+      num_attention_heads=6, num_key_value_heads=3, head_dim=16, rms_norm_eps=1e-6,
+      tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+  torch.manual_seed(1)
+  source = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+  source.save_pretrained(str(tmp_path / "src"))
+  monkeypatch.chdir(tmp_path)  # a relative --out, as in the README
+  args = _parse(["convert", "from-hf", "--hf", "src", "--config", str(TINY), "--out", "out"])
+  # An explicit override that agrees with the model is fine; the others are file values.
+  assert args.func(args, ["--config.model.d_model=96", "--config.train.seed=3"]) == 0
+  lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+  assert lines[2:15] == [
+      "model.num_layers: 4 -> 3", "model.d_model: 96", "model.num_heads: 4 -> 6",
+      "model.num_kv_heads: 2 -> 3", "model.head_dim: 32 -> 16", "model.d_ff: 384 -> 256",
+      "model.rope_theta: 10000.0 -> 500000.0", "model.rope_fraction: 1.0",
+      "model.rope_style: 'rotate_half'", "model.qkv_bias: False",
+      "model.tie_embeddings: True -> False", "model.norm_eps: 1e-05 -> 1e-06",
+      "vocab.text_size: 1024 -> 1100"]
+  assert lines[-1] == "use it     sptlm train --config out/config.py --workdir runs/tiny"
+
+  # The checkpoint holds the Hugging Face shapes, and its config.json and config.py say so.
+  reader = checkpoints.ParamReader(str(tmp_path / "out"))
+  hf = {name: a.shape for name, a in safetensors_dict(tmp_path / "src").items()}
+  assert reader.shapes[("layers", "attn", "q")][0] == (3, 96, 6, 16)
+  assert reader.shapes[("layers", "attn", "k")][0] == (3, 96, 3, 16)
+  assert reader.shapes[("layers", "mlp", "up")][0] == (
+      3, *hf["model.layers.0.mlp.up_proj.weight"][::-1])
+  assert reader.shapes[("lm_head",)][0][0] == 96
+  written = checkpoints.read_config(str(tmp_path / "out"))
+  checkpoints.check_shapes(written, reader.shapes, "out")
+  reader.close()
+  assert (written.model.num_layers, written.vocab.text_size, written.train.seed,
+          written.model.dtype) == (3, 1100, 3, "float32")  # dtype, seed: the --config run's
+  run = config_lib.load(tmp_path / "out" / "config.py")
+  assert run.model == written.model and run.train.init_from == str(tmp_path / "out")
+  rows = verify.compare(str(tmp_path / "out"), str(tmp_path / "src"))
+  assert [r.kind for r in rows] == ["text"] and rows[0].max_abs_diff < ATOL
+
+
+def test_from_hf_refuses_an_explicit_override_the_model_contradicts(tmp_path):
   hf_model("llama", torch.float32).save_pretrained(str(tmp_path / "src"))
   args = _parse(["convert", "from-hf", "--hf", str(tmp_path / "src"), "--config", str(TINY),
                  "--out", str(tmp_path / "out")])
   with pytest.raises(ConversionError) as e:
-    args.func(args, ["--config.model.norm_eps=1e-5"])  # num_layers stays 4, the model has 2
+    args.func(args, ["--config.model.num_layers=7"])  # the model has 2
   message = str(e.value)
-  assert "\n" not in message and "model.num_layers=4" in message
-  assert "--config.model.num_layers=2" in message
-  with pytest.raises(ConversionError, match="vocab.text_size"):
-    args.func(args, [f"--config.{o}" for o in FAMILY_OVERRIDES["llama"]] +
-              ["--config.model.num_layers=2", "--config.vocab.text_size=2048"])
+  assert "\n" not in message and "model.num_layers=7" in message and "has 2" in message
+  with pytest.raises(ConversionError, match=r"vocab.text_size=2048 .* has 1024"):
+    args.func(args, ["--config.vocab.text_size=2048"])
+  assert not (tmp_path / "out").exists()
 
 
 def test_unsupported_models_are_refused_clearly(tmp_path):
@@ -376,7 +431,7 @@ def test_unsupported_models_are_refused_clearly(tmp_path):
                                  num_key_value_heads=2, head_dim=32)
   glm4.save_pretrained(str(tmp_path / "glm4"))
   with pytest.raises(ConversionError, match="glm4.*norms after each sub-layer"):
-    from_hf.import_(str(tmp_path / "glm4"), cfg, str(tmp_path / "out"))
+    import_hf(tmp_path / "glm4", cfg, tmp_path / "out")
 
   llama3 = transformers.LlamaConfig(
       vocab_size=1024, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -385,15 +440,14 @@ def test_unsupported_models_are_refused_clearly(tmp_path):
                        "original_max_position_embeddings": 8192})
   llama3.save_pretrained(str(tmp_path / "llama3"))
   with pytest.raises(ConversionError, match="rope_type='llama3'"):
-    from_hf.import_(str(tmp_path / "llama3"), cfg, str(tmp_path / "out"))
+    import_hf(tmp_path / "llama3", cfg, tmp_path / "out")
 
   # Pickle checkpoints are never opened.
   pickled = tmp_path / "pickled"
   hf_model("llama", torch.float32).config.save_pretrained(str(pickled))
   (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
-  llama_cfg = load_cfg(*FAMILY_OVERRIDES["llama"])
   with pytest.raises(ConversionError, match="pickle files are never loaded"):
-    from_hf.import_(str(pickled), llama_cfg, str(tmp_path / "out"))
+    import_hf(pickled, cfg, tmp_path / "out")
 
   # A model no standard class computes exactly.
   partial = dataclasses.replace(cfg.model, rope_fraction=0.5)
@@ -407,8 +461,9 @@ def test_glm4_9b_config_is_transformers_glm_4_9b():
   from sptlm.convert import families
   fam, fields, text_size = families.from_hf_config(transformers.GlmConfig())
   cfg = config_lib.load(ROOT / "configs" / "glm4_9b.py")
-  families.check_against(cfg.model, fields, "GlmConfig()")
-  assert fam.architecture == "GlmForCausalLM" and text_size == cfg.vocab.text_size
+  derived, rows = families.derive(cfg, fields, text_size, (), "GlmConfig()")
+  assert derived == cfg and not [str(r) for r in rows if r.changed]
+  assert fam.architecture == "GlmForCausalLM"
   assert families.for_model(cfg.model).name == "glm"
 
 
@@ -422,17 +477,21 @@ def test_cli_is_wired_into_sptlm(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sptlm_train_starts_from_an_import_and_exports_back(tmp_path):
-  """from-hf -> `sptlm train` (the real entry point) with init_from -> to-hf -> verify."""
+  """from-hf -> `sptlm train --config OUT/config.py` (the real entry points) -> to-hf -> verify."""
   hf_model("llama", torch.float32).save_pretrained(str(tmp_path / "src"))
-  overrides = ["model.num_layers=2", *FAMILY_OVERRIDES["llama"]]
-  from_hf.import_(str(tmp_path / "src"), config_lib.load(TINY, overrides), str(tmp_path / "init"))
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
   proc = subprocess.run(
-      [sys.executable, "-m", "sptlm.cli", "train", "--config", str(TINY), "--workdir",
-       str(tmp_path / "run"), *[f"--config.{o}" for o in overrides], "--config.train.steps=2",
+      [sys.executable, "-m", "sptlm.cli", "convert", "from-hf", "--hf", str(tmp_path / "src"),
+       "--config", str(TINY), "--out", str(tmp_path / "init")],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "model.num_layers: 4 -> 2" in proc.stdout
+  proc = subprocess.run(
+      [sys.executable, "-m", "sptlm.cli", "train", "--config", str(tmp_path / "init" / "config.py"),
+       "--workdir", str(tmp_path / "run"), "--config.train.steps=2",
        "--config.train.warmup_steps=1", "--config.data.seq_len=32",
-       "--config.data.global_batch_size=4", f"--config.train.init_from={tmp_path / 'init'}"],
+       "--config.data.global_batch_size=4"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   report = to_hf.export(str(tmp_path / "run"), str(tmp_path / "hf"))

@@ -9,6 +9,8 @@ one tensor at a time, `safetensors_io` the Hugging Face side, `tokenizer` the to
 `lineage` what an import recorded for the way back. Only `verify` needs PyTorch.
 """
 
+from sptlm.errors import UserError
 
-class ConversionError(ValueError):
+
+class ConversionError(UserError, ValueError):
   """A conversion that cannot be done as asked; the message names the key, file or tensor."""

@@ -16,6 +16,7 @@ from etils import epath
 from flax import nnx
 
 from sptlm import config as config_lib
+from sptlm import paths
 from sptlm.config import Config
 from sptlm.convert import ConversionError
 from sptlm.model import transformer
@@ -38,7 +39,7 @@ def read_config(workdir: str) -> Config:
 
 
 def latest_step(workdir: str) -> int:
-  directory = epath.Path(workdir) / "checkpoints"
+  directory = paths.absolute(workdir) / "checkpoints"  # Orbax wants absolute paths
   if not directory.exists():
     raise ConversionError(f"{directory} not found: the workdir holds no checkpoints")
   manager = ocp.CheckpointManager(directory,
@@ -86,7 +87,7 @@ class ParamReader:
 
   def __init__(self, workdir: str, step: int | None = None):
     self.step = latest_step(workdir) if step is None else step
-    self.path = epath.Path(workdir) / "checkpoints" / str(self.step) / "state"
+    self.path = paths.absolute(workdir) / "checkpoints" / str(self.step) / "state"
     if not self.path.exists():
       raise ConversionError(f"{self.path} not found (no step {self.step} in {workdir})")
     self._handler = ocp.PyTreeCheckpointHandler()
@@ -132,7 +133,7 @@ def write_init(out: str, cfg: Config, params: dict[Path, np.ndarray]) -> str:
   for init_from, so a zero optimizer state goes along: one zero array per distinct parameter
   shape, shared by every moment of that shape. Peak: twice the parameters, plus one leaf.
   """
-  directory = epath.Path(out) / "checkpoints"
+  directory = paths.absolute(out) / "checkpoints"
   if directory.exists() and any(directory.iterdir()):
     raise ConversionError(f"{directory} already holds checkpoints; choose an empty --out")
   flat = {}

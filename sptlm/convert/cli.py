@@ -1,7 +1,7 @@
 """`sptlm convert to-hf | from-hf | verify`: argument parsing only; the work is in the modules.
 
 Wire it into sptlm/cli.py's build_parser with `convert_cli.add_parser(sub)`. Errors are
-ConversionError or ConfigError (both ValueError), which `sptlm` prints as one line.
+ConversionError or ConfigError (both UserError), which `sptlm` prints as one line.
 """
 
 import argparse
@@ -46,7 +46,9 @@ def cmd_from_hf(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   cfg = config_lib.load(paths.resolve(args.config), list(overrides))
   with _needs_extra():
     from sptlm.convert import from_hf
-    report = from_hf.import_(args.hf, cfg, args.out)
+    derivation = from_hf.derive(args.hf, cfg, from_hf.pinned(overrides))
+    print(derivation.summary(), flush=True)  # before the copy, which takes minutes at 9B
+    report = from_hf.import_(derivation, args.out)
   print(report.summary())
   return 0
 
@@ -94,10 +96,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
       description="Imports a Llama, Qwen2 or GLM (model_type 'glm') text LM as a step-0 "
       "checkpoint for --config.train.init_from=OUT, the vocabulary extended with speech and "
       "special tokens (new rows: the text rows' mean plus N(0, 1e-9 * covariance)). The "
-      "config's model keys must match the Hugging Face config; override them with "
-      "--config.KEY=VALUE.")
+      "model section and vocab.text_size come from the Hugging Face config (each printed, "
+      "with the --config value it replaces); --config gives the rest. OUT/config.py is that "
+      "run, ready for sptlm train --config OUT/config.py.")
   q.add_argument("--hf", required=True, help="Hugging Face model folder (safetensors)")
-  q.add_argument("--config", required=True, help="get_config() file of the run to start")
+  q.add_argument("--config", required=True,
+                 help="get_config() file of the run to start (all but the model's shape)")
   q.add_argument("--out", required=True, help="directory to write (local or gs://)")
   q.set_defaults(func=cmd_from_hf)
 

@@ -9,12 +9,13 @@ All three: pre-norm RMSNorm blocks, SwiGLU MLP, no o_proj bias, scale Dh^-0.5, d
 """
 
 import dataclasses
+from collections.abc import Collection
 from typing import Any
 
-from sptlm.config import ModelConfig
+from sptlm.config import Config, ModelConfig
 from sptlm.convert import ConversionError
 
-# The ModelConfig fields that decide the math (and so must agree with the Hugging Face model);
+# The ModelConfig fields that decide the math (from-hf takes them from the Hugging Face model);
 # the others (attention backend, remat, scan, dtypes, init) are how sptlm runs it.
 ARCH_KEYS = ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "d_ff",
              "rope_theta", "rope_fraction", "rope_style", "qkv_bias", "tie_embeddings",
@@ -35,6 +36,25 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family("qwen2", "Qwen2ForCausalLM", "rotate_half", "always", False),
     "glm": Family("glm", "GlmForCausalLM", "interleaved", "optional", True),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+  """One config key that from-hf takes from the Hugging Face model."""
+
+  key: str  # e.g. "model.num_layers"
+  configured: Any  # the --config run's value
+  value: Any  # the Hugging Face model's
+
+  @property
+  def changed(self) -> bool:
+    return self.configured != self.value
+
+  def __str__(self) -> str:
+    if self.changed:
+      return f"{self.key}: {self.configured!r} -> {self.value!r}"
+    return f"{self.key}: {self.value!r}"
+
 
 _UNSUPPORTED_TYPES = {
     "glm4": "GLM-4-0414 (model_type 'glm4') adds norms after each sub-layer, which sptlm's "
@@ -137,14 +157,22 @@ def from_hf_config(hf: Any) -> tuple[Family, dict[str, Any], int]:
   return fam, fields, int(hf.vocab_size)
 
 
-def check_against(model: ModelConfig, fields: dict[str, Any], source: str) -> None:
-  """Fails, in one line, naming every arch key where the config and the HF model differ."""
-  wrong = [(key, getattr(model, key), fields[key]) for key in ARCH_KEYS
-           if fields[key] != getattr(model, key)]
-  if wrong:
-    key, have, want = wrong[0]
-    fix = " ".join(f"--config.model.{k}={w if isinstance(w, str) else repr(w)}"
-                   for k, _, w in wrong)
-    more = f" (and {len(wrong) - 1} more key(s))" if len(wrong) > 1 else ""
-    raise ConversionError(f"model.{key}={have!r} in the config but the Hugging Face model "
-                          f"{source} has {want!r}{more}; set {fix}")
+def derive(cfg: Config, fields: dict[str, Any], text_size: int, pinned: Collection[str],
+           source: str) -> tuple[Config, tuple[Derived, ...]]:
+  """`cfg` with the Hugging Face model's arch keys and text vocabulary in place of its own.
+
+  A key in `pinned` (set explicitly on the command line) must already agree: the user asked
+  for something the checkpoint cannot give, so that is an error naming both values.
+  """
+  rows = tuple(Derived(f"model.{key}", getattr(cfg.model, key), fields[key])
+               for key in ARCH_KEYS) + (Derived("vocab.text_size", cfg.vocab.text_size,
+                                                text_size),)
+  for row in rows:
+    if row.key in pinned and row.changed:
+      raise ConversionError(
+          f"{row.key}={row.configured!r} on the command line but the Hugging Face model "
+          f"{source} has {row.value!r}: from-hf takes the model from its config.json; drop "
+          f"--config.{row.key}")
+  model = dataclasses.replace(cfg.model, **fields)
+  return dataclasses.replace(cfg, model=model, vocab=dataclasses.replace(
+      cfg.vocab, text_size=text_size)), rows

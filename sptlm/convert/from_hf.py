@@ -1,8 +1,13 @@
 """`sptlm convert from-hf`: a Hugging Face text LM -> an sptlm checkpoint for `train.init_from`.
 
+The model section (every families.ARCH_KEYS key) and vocab.text_size come from the Hugging Face
+config; the --config run supplies the rest (data, train, mesh, vocab.speech_size, the text
+tokenizer, how the model runs: dtypes, remat, attention backend). `derive` lists each derived
+key with the --config value it replaces; only a key set explicitly on the command line
+(`--config.model.KEY=VALUE`) must agree. OUT/config.py is that derived run, starting from OUT.
+
 Every tensor is copied exactly (a transpose and a reshape; bfloat16 widens to float32 without
-rounding). The model's math must match the config's (families.check_against names the first
-key that differs), and the text vocabulary must be vocab.text_size ids.
+rounding).
 
 The embedding (and an untied output matrix) grows from the text ids to the padded sptlm
 vocabulary: speech tokens, specials and padding rows. Each new row is drawn from
@@ -16,11 +21,16 @@ rows are exactly mu.
 """
 
 import dataclasses
+import os
 import pathlib
+import pprint
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+from sptlm import config as config_lib
 from sptlm.config import Config
 from sptlm.convert import ConversionError, checkpoints, families, layout, lineage
 from sptlm.convert import safetensors_io
@@ -29,27 +39,67 @@ from sptlm.train import program as program_lib
 NEW_ROWS = ("mean + N(0, 1e-9 * covariance) of the text rows, per matrix, float64 statistics, "
             "seeded by train.seed (Hewitt 2021; transformers mean_resizing)")
 COVARIANCE_SCALE = 1e-9
+CONFIG_FILE = "config.py"
+
+_CONFIG_PY = '''\
+"""The run that starts from the checkpoint beside this file (written by sptlm convert from-hf).
+
+  sptlm train --config {path} --workdir runs/{name}
+
+The --config run with the model section and vocab.text_size of {source}
+and train.init_from set to this directory. Edit anything but the model's shape keys.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+      {body})
+'''
+
+
+@dataclasses.dataclass(frozen=True)
+class Derivation:
+  """What from-hf imports: the family, and the --config run with the model's own shape keys."""
+
+  source: pathlib.Path
+  family: families.Family
+  config: Config
+  rows: tuple[families.Derived, ...]
+
+  def summary(self) -> str:
+    return "\n".join([
+        f"sptlm convert from-hf: {self.family.architecture} from {self.source}",
+        f"  model      from {self.source / 'config.json'} (--config value -> Hugging Face "
+        "value where they differ):",
+        *(f"    {row}" for row in self.rows)])
 
 
 @dataclasses.dataclass(frozen=True)
 class ImportReport:
-  out: str
-  architecture: str
-  source: str
   text_size: int
   vocab_size: int
   tensors: int
   checkpoint: str
+  config_file: str
+  name: str
 
   def summary(self) -> str:
     return "\n".join([
-        f"sptlm convert from-hf: {self.architecture} from {self.source}",
         f"  vocabulary {self.text_size} text ids copied, {self.vocab_size - self.text_size} new "
         f"rows (speech, specials, padding): {NEW_ROWS}",
         f"  tensors    {self.tensors} copied exactly",
         f"  checkpoint {self.checkpoint}",
-        f"  use it     sptlm train --config ... --config.train.init_from={self.out}",
+        f"  config     {self.config_file} (the run above, train.init_from set to it)",
+        f"  use it     sptlm train --config {self.config_file} --workdir runs/{self.name}",
     ])
+
+
+def pinned(overrides: Sequence[str]) -> frozenset[str]:
+  """The dotted keys that `--config.KEY=VALUE` overrides set (as config.apply_overrides reads)."""
+  return frozenset(o.removeprefix("--").removeprefix("config.").split("=", 1)[0]
+                   for o in overrides)
 
 
 def new_rows(text_rows: np.ndarray, count: int, rng: np.random.Generator,
@@ -84,16 +134,25 @@ def _load_hf_config(hf_dir: pathlib.Path) -> Any:
     raise ConversionError(f"{hf_dir / 'config.json'}: {str(e).splitlines()[0][:200]}") from None
 
 
-def import_(hf_dir: str, cfg: Config, out: str) -> ImportReport:
-  """Writes OUT/config.json, OUT/checkpoints/0 and OUT/hf_source/ (see lineage)."""
+def derive(hf_dir: str, cfg: Config, explicit: Collection[str] = ()) -> Derivation:
+  """`cfg` with the model section and vocab.text_size of the Hugging Face model in `hf_dir`.
+
+  `explicit`: the keys the user set on the command line; those must agree with the model.
+  """
   src = pathlib.Path(hf_dir)
-  hf = _load_hf_config(src)
-  fam, fields, text_size = families.from_hf_config(hf)
-  families.check_against(cfg.model, fields, str(src))
-  if cfg.vocab.text_size != text_size:
-    raise ConversionError(f"vocab.text_size={cfg.vocab.text_size} in the config but the Hugging "
-                          f"Face model {src} has {text_size} text ids (vocab_size); set "
-                          f"--config.vocab.text_size={text_size}")
+  fam, fields, text_size = families.from_hf_config(_load_hf_config(src))
+  derived, rows = families.derive(cfg, fields, text_size, explicit, str(src))
+  try:
+    config_lib.validate(derived)
+  except config_lib.ConfigError as e:
+    raise ConversionError(f"the --config run with the model of {src}: {e}") from None
+  return Derivation(src, fam, derived, rows)
+
+
+def import_(derivation: Derivation, out: str) -> ImportReport:
+  """Writes OUT/config.json, OUT/config.py, OUT/checkpoints/0 and OUT/hf_source/ (lineage)."""
+  src, fam, cfg = derivation.source, derivation.family, derivation.config
+  text_size = cfg.vocab.text_size
   vocab = program_lib.vocabulary(cfg)
   reader = safetensors_io.Reader(src)
   abstract = checkpoints.flatten(checkpoints.abstract_params(cfg))
@@ -137,9 +196,28 @@ def import_(hf_dir: str, cfg: Config, out: str) -> ImportReport:
   del embed, targets  # write_init frees each leaf as it moves it: hold no other reference
 
   tensors = len(consumed)
-  step_dir = checkpoints.write_init(out, cfg, params)  # empties params
+  # Orbax takes only absolute paths; write_init empties params.
+  step_dir = checkpoints.write_init(_absolute(out), cfg, params)
+  config_file = write_config_py(out, cfg, str(src.resolve()))
   lineage.write(out, str(src), {
       "family": fam.name, "architecture": fam.architecture, "source": str(src.resolve()),
       "text_size": text_size, "vocab_size": vocab.size, "new_rows": NEW_ROWS,
       "seed": cfg.train.seed})
-  return ImportReport(out, fam.architecture, str(src), text_size, vocab.size, tensors, step_dir)
+  return ImportReport(text_size, vocab.size, tensors, step_dir, str(config_file), cfg.name)
+
+
+def _absolute(out: str) -> str:
+  return out if "://" in out else os.path.abspath(os.path.expanduser(out))
+
+
+def write_config_py(out: str, cfg: Config, source: str) -> epath.Path:
+  """OUT/config.py: `cfg` as a get_config() file with train.init_from=OUT, for `sptlm train`."""
+  init_from = _absolute(out)
+  raw = dataclasses.asdict(dataclasses.replace(
+      cfg, train=dataclasses.replace(cfg.train, init_from=init_from)))
+  raw["mesh"]["rules"] = {name: axes or None for name, axes in cfg.mesh.rules}  # as configs/ do
+  path = epath.Path(out) / CONFIG_FILE
+  body = pprint.pformat(raw, width=92, sort_dicts=False).replace("\n", "\n      ")
+  path.write_text(_CONFIG_PY.format(path=epath.Path(init_from) / CONFIG_FILE, name=cfg.name,
+                                    source=source, body=body))
+  return path
