@@ -14,6 +14,8 @@ import grain
 import numpy as np
 import sentencepiece as spm
 
+from sptlm.errors import InputError, MissingFileError
+
 FIELDS = ("inputs", "targets", "weights")
 
 
@@ -30,11 +32,11 @@ def read_documents(path: pathlib.Path) -> tuple[list[str], int]:
   try:
     raw = path.read_bytes()
   except FileNotFoundError:
-    raise FileNotFoundError(f"corpus not found: {path} (set data.corpus)") from None
+    raise MissingFileError(f"corpus not found: {path} (set data.corpus)") from None
   try:
     text = raw.decode("utf-8")
   except UnicodeDecodeError as e:
-    raise ValueError(f"corpus {path} is not UTF-8 text (byte {e.start}); convert it first") from None
+    raise InputError(f"corpus {path} is not UTF-8 text (byte {e.start}); convert it first") from None
   blocks = text.replace("\r\n", "\n").split("\n\n")
   docs = [b.strip() for b in blocks if b.strip()]
   return docs, len(blocks) - len(docs)
@@ -42,10 +44,10 @@ def read_documents(path: pathlib.Path) -> tuple[list[str], int]:
 
 def load_tokenizer(path: pathlib.Path, text_size: int) -> spm.SentencePieceProcessor:
   if not path.is_file():
-    raise FileNotFoundError(f"text tokenizer not found: {path} (set vocab.text_tokenizer)")
+    raise MissingFileError(f"text tokenizer not found: {path} (set vocab.text_tokenizer)")
   sp = spm.SentencePieceProcessor(model_file=str(path))
   if sp.vocab_size() > text_size:
-    raise ValueError(f"text tokenizer {path} has {sp.vocab_size()} pieces but vocab.text_size "
+    raise InputError(f"text tokenizer {path} has {sp.vocab_size()} pieces but vocab.text_size "
                      f"is {text_size}; raise vocab.text_size")
   return sp
 
@@ -112,7 +114,7 @@ class ShardedBatches:
   def set_state(self, state: bytes) -> None:
     saved = json.loads(state)
     if sorted(saved) != sorted(str(s) for s in self.shard_ids):
-      raise ValueError(f"checkpointed data shards {sorted(saved)} differ from this host's "
+      raise InputError(f"checkpointed data shards {sorted(saved)} differ from this host's "
                        f"{self.shard_ids}; resume with the same data.num_shards and hosts")
     for s, it in zip(self.shard_ids, self.iters):
       it.set_state(saved[str(s)])
@@ -127,15 +129,15 @@ def corpus_batches(corpus: pathlib.Path, tokenizer: pathlib.Path, *, text_size: 
                    process_count: int = 1) -> tuple[ShardedBatches, CorpusStats]:
   """The whole text input: a corpus file to this host's rows of each global batch."""
   if num_shards % process_count or global_batch % num_shards:
-    raise ValueError(f"data.num_shards={num_shards} must be a multiple of the {process_count} "
+    raise InputError(f"data.num_shards={num_shards} must be a multiple of the {process_count} "
                      f"processes and divide data.global_batch_size={global_batch}")
   docs, skipped = read_documents(corpus)
   if not docs:
-    raise ValueError(f"corpus {corpus} has no non-empty documents")
+    raise InputError(f"corpus {corpus} has no non-empty documents")
   sp = load_tokenizer(tokenizer, text_size)
   examples = make_examples(docs, sp, seq_len)
   if len(examples) < num_shards:
-    raise ValueError(f"corpus {corpus} gives {len(examples)} examples, fewer than "
+    raise InputError(f"corpus {corpus} gives {len(examples)} examples, fewer than "
                      f"data.num_shards={num_shards}")
   stats = CorpusStats(documents=len(docs), skipped_empty=skipped, examples=len(examples),
                       tokens=int(sum(len(e["inputs"]) for e in examples)))

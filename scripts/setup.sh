@@ -5,6 +5,7 @@ cd "$(dirname "$0")/.."
 # espeak-ng renders the speech tokenizer's real-audio corpus (sptlm tokenizer build-corpus).
 if ! command -v espeak-ng >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing espeak-ng with apt-get (text-to-speech for sptlm tokenizer build-corpus)" >&2
     apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null
   else
     echo "setup: espeak-ng is missing; install it (e.g. sudo apt-get install espeak-ng) to build speech corpora" >&2

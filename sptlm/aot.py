@@ -21,13 +21,14 @@ import jax
 from sptlm import config as config_lib
 from sptlm import sharding
 from sptlm.config import Config
+from sptlm.errors import UserError
 from sptlm.train import flops as flops_lib
 from sptlm.train import program as program_lib
 
 GB = 1e9
 
 
-class AotError(ValueError):
+class AotError(UserError, ValueError):
   """A topology or setup that cannot be compiled for; the CLI prints it as one line."""
 
 

@@ -1,26 +1,26 @@
-"""`sptlm` command line: parses arguments and dispatches; the work lives in the packages."""
+"""`sptlm` command line: parses arguments and dispatches; the work lives in the packages.
+
+A `UserError` (sptlm.errors: bad config, missing file, bad flags) is printed as one line and
+exits 1; any other exception is a bug and keeps its traceback. `-v` shows tracebacks for all.
+"""
 
 import argparse
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from sptlm import paths
+from sptlm.errors import UserError
 
 DEFAULT_CONFIG = "configs/tiny.py"
 
 
-class UserError(Exception):
-  """A problem the user can fix; printed as one line, no traceback."""
-
-
 def _load_config(args: argparse.Namespace, overrides: Sequence[str]):
+  """The frozen config; a bad file, key or value raises ConfigError before anything runs."""
   from sptlm import config as config_lib
-  try:
-    return config_lib.load(paths.resolve(args.config), list(overrides))
-  except config_lib.ConfigError as e:
-    raise UserError(str(e)) from None
+  return config_lib.load(paths.resolve(args.config), list(overrides))
 
 
 def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
@@ -28,11 +28,7 @@ def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   from sptlm import distributed
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   from sptlm.train import trainer
-  workdir = args.workdir or os.path.join("runs", cfg.name)
-  try:
-    trainer.train(cfg, workdir)
-  except trainer.TrainingError as e:
-    raise UserError(str(e)) from None
+  trainer.train(cfg, args.workdir or os.path.join("runs", cfg.name))
   return 0
 
 
@@ -99,6 +95,31 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   return rest, overrides
 
 
+def _quiet_background_failures() -> None:
+  """A failing background thread (Orbax's async save) re-raises in the main thread, which
+  reports it; its own tracebacks (absl errors, asyncio's unretrieved futures, the thread's
+  excepthook) become one warning line each. -v keeps them whole."""
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  logging.getLogger("absl").setLevel(logging.CRITICAL)
+
+  def hook(a: threading.ExceptHookArgs) -> None:
+    first = (str(a.exc_value).strip().splitlines() or [""])[0][:200]
+    logging.getLogger("sptlm").warning("background thread %s failed: %s: %s",
+                                       a.thread.name if a.thread else "?",
+                                       a.exc_type.__name__, first)
+
+  threading.excepthook = hook
+  seen: set[str] = set()
+
+  def unraisable(u: "sys.UnraisableHookArgs") -> None:  # e.g. tensorstore callbacks at exit
+    text = f"{type(u.exc_value).__name__}: {u.exc_value}"
+    if text not in seen:
+      seen.add(text)
+      logging.getLogger("sptlm").warning("ignored in a callback: %s", text[:200])
+
+  sys.unraisablehook = unraisable
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
@@ -111,10 +132,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                       format="%(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "jax._src", "orbax", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  if not args.verbose:
+    _quiet_background_failures()
   handler: Callable[..., int] = args.func
   try:
     return handler(args, overrides)
-  except (UserError, FileNotFoundError, ValueError) as e:
+  except UserError as e:
     if args.verbose:
       raise
     print(f"sptlm {args.command}: error: {e}", file=sys.stderr)

@@ -12,12 +12,26 @@ import json
 import pathlib
 import types
 import typing
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 
+from sptlm.errors import UserError
 
-class ConfigError(ValueError):
+# The names a fixed-choice key accepts. The code that acts on them keeps its own tables
+# (sptlm.model.transformer.REMAT_POLICIES, attention.BACKENDS, DTYPES); tests check they agree,
+# so loading a config never imports the model or jax.
+REMAT_NAMES = ("none", "full", "dots", "dots_no_batch", "attention_out")
+ATTENTION_BACKENDS = ("reference", "pallas")
+ROPE_STYLES = ("rotate_half", "interleaved")
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("linear", "cosine")
+MESH_AXES = ("data", "fsdp", "tensor")
+PALLAS_BLOCK = 128  # the fused kernel's blocks are multiples of this
+
+
+class ConfigError(UserError, ValueError):
   """A config file or override that cannot be used; the message names the key."""
 
 
@@ -90,6 +104,8 @@ class TrainConfig:
   keep_checkpoints: int
   async_checkpoints: bool
   init_from: str  # a checkpoint directory to start from ("" for random init)
+  # length of the learning-rate plan; 0: train.steps (see README: extending a run)
+  schedule_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +153,31 @@ def _parse_value(text: str) -> Any:
     return text  # a bare string such as reference
 
 
-def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> None:
-  """Applies `--config.a.b=value` (or `a.b=value`) overrides in place, type-checked."""
+def _optional_field(schema: Any, parents: list[str], leaf: str) -> Any:
+  """The annotation of `parents.leaf` when it is a field with a default in `schema`, else None.
+
+  A key added to the dataclasses after a config file was written (say train.schedule_steps)
+  is absent from the file, yet overriding it must work.
+  """
+  for name in parents:
+    hints = typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
+    if name not in hints:
+      return None
+    schema = hints[name]
+  if not dataclasses.is_dataclass(schema):
+    return None
+  field = next((f for f in dataclasses.fields(schema) if f.name == leaf), None)
+  if field is None or field.default is dataclasses.MISSING:
+    return None
+  return typing.get_type_hints(schema)[leaf]
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str],
+                    schema: Any = None) -> None:
+  """Applies `--config.a.b=value` (or `a.b=value`) overrides in place, type-checked.
+
+  `schema` (the config dataclass) lets an override set an optional key the file leaves out.
+  """
   for item in overrides:
     item = item.removeprefix("--").removeprefix("config.")
     if "=" not in item:
@@ -151,7 +190,12 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> Non
         raise ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r}")
       node = node[name]
     if leaf not in node:
-      raise ConfigError(f"unknown config key {key!r}")
+      tp = _optional_field(schema, parents, leaf)
+      if tp is None:
+        raise ConfigError(f"unknown config key {key!r}")
+      value = _parse_value(text)
+      node[leaf] = text if tp is str and not isinstance(value, str) else value
+      continue  # from_config_dict checks the type against the dataclass
     value = _parse_value(text)
     if parents == ["mesh", "rules"]:  # None, one mesh axis, or a tuple of them
       if not (value is None or isinstance(value, (tuple, list))):
@@ -240,46 +284,124 @@ def from_config_dict(cfg: ml_collections.ConfigDict) -> Config:
   return config
 
 
-def validate(c: Config) -> None:
-  """Cross-field checks that the types alone cannot express."""
-  m, t, d = c.model, c.train, c.data
-  if m.num_heads % m.num_kv_heads:
-    raise ConfigError(f"model.num_heads={m.num_heads} must be a multiple of "
-                      f"model.num_kv_heads={m.num_kv_heads}")
-  if m.rope_style not in ("rotate_half", "interleaved"):
-    raise ConfigError(f"model.rope_style={m.rope_style!r}: use 'rotate_half' or 'interleaved'")
-  if not 0.0 < m.rope_fraction <= 1.0 or int(m.head_dim * m.rope_fraction) % 2:
-    raise ConfigError(f"model.rope_fraction={m.rope_fraction} must give an even number of "
-                      f"rotary dims of head_dim={m.head_dim}")
-  if m.loss_chunk < 0 or (m.loss_chunk and d.seq_len % m.loss_chunk):
-    raise ConfigError(f"model.loss_chunk={m.loss_chunk} must divide data.seq_len={d.seq_len} "
-                      "(0 computes the logits all at once)")
-  if m.attention not in ("reference", "pallas"):
-    raise ConfigError(f"model.attention={m.attention!r}: use 'reference' or 'pallas'")
-  for key in ("dtype", "param_dtype"):
-    if getattr(m, key) not in ("float32", "bfloat16", "float16"):
-      raise ConfigError(f"model.{key}={getattr(m, key)!r}: use float32, bfloat16 or float16")
-  if t.schedule not in ("linear", "cosine"):
-    raise ConfigError(f"train.schedule={t.schedule!r}: use 'linear' or 'cosine'")
+def check_choice(key: str, value: str, allowed: Sequence[str]) -> None:
+  """A key with a fixed set of values: one line naming the key, the value and the choices."""
+  if value not in allowed:
+    raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+
+
+def check_at_least(key: str, value: float, low: float, note: str = "") -> None:
+  """A lower bound the code needs (a count, a size, a weight): one line naming key and value."""
+  if value < low:
+    raise ConfigError(f"{key}={value} must be at least {low}{note}")
+
+
+def check_positive(key: str, value: float) -> None:
+  """A rate, length or norm that the code divides by or scales with: above 0."""
+  if not value > 0:
+    raise ConfigError(f"{key}={value} must be above 0")
+
+
+def validate_train(t: TrainConfig) -> None:
+  """The optimizer and run keys, shared by `sptlm train` and `sptlm tokenizer train`."""
+  check_choice("train.schedule", t.schedule, SCHEDULES)
   for key in ("steps", "log_every", "checkpoint_every", "microbatches"):
-    if getattr(t, key) < 1:
-      raise ConfigError(f"train.{key}={getattr(t, key)} must be at least 1")
-  if t.keep_checkpoints < 2:
-    raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints} must be at least 2 so a "
-                      "corrupt latest checkpoint can fall back to the one before")
-  if t.warmup_steps < 0:
-    raise ConfigError(f"train.warmup_steps={t.warmup_steps} must not be negative")
-  if d.global_batch_size % t.microbatches:
-    raise ConfigError(f"data.global_batch_size={d.global_batch_size} must be divisible by "
-                      f"train.microbatches={t.microbatches}")
-  names = [n for n, _ in c.mesh.rules]
+    check_at_least(f"train.{key}", getattr(t, key), 1)
+  check_at_least("train.keep_checkpoints", t.keep_checkpoints, 2,
+                 " so a corrupt latest checkpoint can fall back to the one before")
+  check_at_least("train.warmup_steps", t.warmup_steps, 0)
+  check_at_least("train.schedule_steps", t.schedule_steps, 0, " (0: train.steps)")
+  check_positive("train.learning_rate", t.learning_rate)
+  if not 0.0 <= t.min_learning_rate <= t.learning_rate:
+    raise ConfigError(f"train.min_learning_rate={t.min_learning_rate} must be within 0.."
+                      f"train.learning_rate={t.learning_rate} (the floor the schedule decays to)")
+  for key in ("b1", "b2"):
+    if not 0.0 <= getattr(t, key) < 1.0:
+      raise ConfigError(f"train.{key}={getattr(t, key)} must be in [0, 1) (Adam's decay rate)")
+  check_at_least("train.eps", t.eps, 0.0)
+  check_at_least("train.weight_decay", t.weight_decay, 0.0)
+  check_positive("train.clip_norm", t.clip_norm)
+
+
+def check_mesh_sizes(sizes: dict[str, int]) -> None:
+  """Each of mesh.data/fsdp/tensor is a device count or -1 (the devices left over), at most
+  one -1; whether they fit the devices is checked when those are known (sharding.mesh_shape)."""
+  for axis in MESH_AXES:
+    if sizes[axis] < 1 and sizes[axis] != -1:
+      raise ConfigError(f"mesh.{axis}={sizes[axis]} must be a positive device count or -1 (the "
+                        "devices left over)")
+  free = [a for a in MESH_AXES if sizes[a] == -1]
+  if len(free) > 1:
+    raise ConfigError(f"mesh.{free[0]}=-1 and mesh.{free[1]}=-1: at most one mesh axis may take "
+                      f"the devices left over; give mesh.{free[1]} a size (e.g. 1)")
+
+
+def validate_mesh(mesh: MeshConfig) -> None:
+  """Mesh sizes and rules (one rule per logical name, known mesh axes only)."""
+  check_mesh_sizes({a: getattr(mesh, a) for a in MESH_AXES})
+  names = [n for n, _ in mesh.rules]
   dup = {n for n in names if names.count(n) > 1}
   if dup:
     raise ConfigError(f"mesh.rules names {sorted(dup)[0]!r} twice: one rule per logical name")
-  for name, axes in c.mesh.rules:
+  for name, axes in mesh.rules:
     for a in axes:
-      if a not in ("data", "fsdp", "tensor"):
-        raise ConfigError(f"mesh.rules[{name!r}] uses unknown mesh axis {a!r}")
+      if a not in MESH_AXES:
+        raise ConfigError(f"mesh.rules[{name!r}] uses unknown mesh axis {a!r}; "
+                          f"the mesh axes are: {', '.join(MESH_AXES)}")
+
+
+def validate_model(m: ModelConfig, seq_len: int) -> None:
+  """The model keys (shared by every trainer on the spine's decoder), sizes first."""
+  for key in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "d_ff"):
+    check_at_least(f"model.{key}", getattr(m, key), 1)
+  check_choice("model.remat", m.remat, REMAT_NAMES)
+  check_choice("model.attention", m.attention, ATTENTION_BACKENDS)
+  check_choice("model.rope_style", m.rope_style, ROPE_STYLES)
+  check_choice("model.dtype", m.dtype, DTYPES)
+  check_choice("model.param_dtype", m.param_dtype, DTYPES)
+  check_positive("model.rope_theta", m.rope_theta)
+  check_at_least("model.norm_eps", m.norm_eps, 0.0)
+  if m.num_heads % m.num_kv_heads:
+    raise ConfigError(f"model.num_heads={m.num_heads} must be a multiple of "
+                      f"model.num_kv_heads={m.num_kv_heads}")
+  if not 0.0 < m.rope_fraction <= 1.0 or int(m.head_dim * m.rope_fraction) % 2:
+    raise ConfigError(f"model.rope_fraction={m.rope_fraction} must give an even number of "
+                      f"rotary dims of head_dim={m.head_dim}")
+  if m.loss_chunk < 0 or (m.loss_chunk and seq_len % m.loss_chunk):
+    raise ConfigError(f"model.loss_chunk={m.loss_chunk} must divide data.seq_len={seq_len} "
+                      "(0 computes the logits all at once)")
+  check_at_least("model.attention_chunk", m.attention_chunk, 0, " (0: all queries at once)")
+  if m.attention == "reference" and 0 < m.attention_chunk < seq_len and (
+      seq_len % m.attention_chunk):
+    raise ConfigError(f"model.attention_chunk={m.attention_chunk} must divide "
+                      f"data.seq_len={seq_len} (0 attends all queries at once)")
+  if m.attention == "pallas":
+    for key in ("attention_block_q", "attention_block_kv"):
+      block = getattr(m, key)
+      if block < 1 or block % PALLAS_BLOCK:
+        raise ConfigError(f"model.{key}={block} must be a positive multiple of {PALLAS_BLOCK} "
+                          "(model.attention='pallas')")
+
+
+def validate(c: Config) -> None:
+  """Value and cross-field checks that the types alone cannot express; sizes first, so the
+  cross-field checks never divide by zero."""
+  v, t, d = c.vocab, c.train, c.data
+  check_at_least("data.seq_len", d.seq_len, 1)
+  validate_model(c.model, d.seq_len)
+  check_at_least("vocab.text_size", v.text_size, 1)
+  check_at_least("vocab.speech_size", v.speech_size, 0)
+  check_at_least("data.global_batch_size", d.global_batch_size, 1)
+  check_at_least("data.num_shards", d.num_shards, 1)
+  validate_train(t)
+  validate_mesh(c.mesh)
+  if d.global_batch_size % t.microbatches:
+    raise ConfigError(f"data.global_batch_size={d.global_batch_size} must be divisible by "
+                      f"train.microbatches={t.microbatches}")
+  if d.global_batch_size % d.num_shards:
+    raise ConfigError(f"data.num_shards={d.num_shards} must divide "
+                      f"data.global_batch_size={d.global_batch_size} (each data stream fills "
+                      "an equal share of the batch)")
 
 
 def load(path: str | pathlib.Path, overrides: list[str] = ()) -> Config:
@@ -289,7 +411,7 @@ def load(path: str | pathlib.Path, overrides: list[str] = ()) -> Config:
   if ":" in spath and not pathlib.Path(spath).is_file():
     spath, arg = spath.rsplit(":", 1)
   cfg = load_config_file(spath, arg)
-  apply_overrides(cfg, list(overrides))
+  apply_overrides(cfg, list(overrides), Config)
   return from_config_dict(cfg)
 
 

@@ -10,6 +10,8 @@ import os
 
 import jax
 
+from sptlm.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -35,10 +37,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     process_id = int(os.environ["SPTLM_PROCESS_ID"])
   if coordinator:
     if num_processes is None or process_id is None:
-      raise ValueError("--coordinator needs --num-processes and --process-id (or "
-                       "SPTLM_NUM_PROCESSES and SPTLM_PROCESS_ID)")
+      raise UserError("--coordinator needs --num-processes and --process-id (or "
+                      "SPTLM_NUM_PROCESSES and SPTLM_PROCESS_ID)")
     if not 0 <= process_id < num_processes:
-      raise ValueError(f"--process-id {process_id} must be in [0, {num_processes})")
+      raise UserError(f"--process-id {process_id} must be in [0, {num_processes})")
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes, process_id)

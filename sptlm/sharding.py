@@ -15,26 +15,43 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from sptlm.config import MESH_AXES, ConfigError, check_mesh_sizes
+
 Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
 _current = threading.local()
 
 
+def _keys(sizes: dict[str, int]) -> str:
+  """`mesh.data=1 mesh.fsdp=-1 mesh.tensor=1`: the keys to change, as the user wrote them."""
+  return " ".join(f"mesh.{a}={sizes[a]}" for a in MESH_AXES)
+
+
 def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
-  """Resolves one -1 entry to the devices left over; checks the product."""
+  """Resolves one -1 entry to the devices left over; checks the product.
+
+  The device count is known only at run time, so this is the one config check that cannot
+  run when the config loads: build the mesh before writing anything to the work directory.
+  """
+  check_mesh_sizes(sizes)
   shape = [sizes[a] for a in MESH_AXES]
-  free = [i for i, s in enumerate(shape) if s == -1]
-  if len(free) > 1:
-    raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, shape))}")
+  free = [a for a in MESH_AXES if sizes[a] == -1]
   known = math.prod(s for s in shape if s != -1)
   if free:
     if num_devices % known:
-      raise ValueError(f"mesh: {num_devices} devices do not divide by {known}")
-    shape[free[0]] = num_devices // known
-  if math.prod(shape) != num_devices:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
-                     f"{num_devices} are available; set one axis to -1")
+      fixed = [f"mesh.{a}" for a in MESH_AXES if sizes[a] > 1]
+      fix = (f"give {fixed[0]} a size that divides {num_devices}" if len(fixed) == 1 else
+             f"give {' and '.join(fixed)} sizes whose product divides {num_devices}")
+      raise ConfigError(f"{_keys(sizes)}: the fixed sizes ({known} devices) do not divide the "
+                        f"{num_devices} devices; {fix}")
+    shape[MESH_AXES.index(free[0])] = num_devices // known
+  need = math.prod(shape)
+  if need != num_devices:
+    fits = [a for a in MESH_AXES if num_devices % (need // sizes[a]) == 0]
+    fix = (f"set mesh.{fits[0]}=-1 to give it the devices left over" if fits else
+           f"give the mesh axes sizes whose product is {num_devices}")
+    raise ConfigError(f"{_keys(sizes)} needs {need} devices, {num_devices} are available; "
+                      f"{fix}")
   return tuple(shape)
 
 
@@ -46,7 +63,9 @@ def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None
   slices = len({getattr(d, "slice_index", 0) for d in devices})
   if slices > 1:  # multislice: only the data axis crosses the slower network between slices
     if shape[0] % slices:
-      raise ValueError(f"mesh.data={shape[0]} must be a multiple of the {slices} slices")
+      raise ConfigError(f"mesh.data={shape[0]} must be a multiple of the {slices} slices (only "
+                        "the data axis crosses slices); set mesh.data to a multiple of "
+                        f"{slices}")
     ici = (shape[0] // slices, *shape[1:])
     grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
@@ -66,8 +85,8 @@ def spec(names: Sequence[str | None], rules: Rules) -> P:
       out.append(None)
       continue
     if name not in table:
-      raise KeyError(f"logical axis {name!r} has no rule in mesh.rules; add one "
-                     f"(e.g. {name}=None to replicate)")
+      raise ConfigError(f"logical axis {name!r} has no rule in mesh.rules; add one "
+                        f"(e.g. --config.mesh.rules.{name}=None to replicate)")
     axes = tuple(a for a in table[name] if a not in used)  # a mesh axis shards one dim only
     used.update(axes)
     out.append(axes if len(axes) > 1 else (axes[0] if axes else None))

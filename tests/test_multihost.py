@@ -95,12 +95,27 @@ def test_two_processes_match_one_through_sigterm_and_kill(tmp_path):
   procs[0].wait()
   assert "resuming from checkpoint" in logs[0].read_text()
 
-  # 3. The same command on every worker resumes again and finishes.
+  # 3. The newest checkpoint is damaged (its biggest file truncated): process 0
+  #    moves it aside and both workers resume from the one before it.
+  saved = _saved(multi)
+  newest = multi / "checkpoints" / str(saved[-1])
+  victim = max((f for f in (newest / "state").rglob("*") if f.is_file()),
+               key=lambda f: f.stat().st_size)
+  victim.write_bytes(victim.read_bytes()[:100])
   procs = _job(args, multi)
   _wait(procs, logs)
+  assert (multi / "corrupt_checkpoints" / str(saved[-1])).is_dir()
+  resumed = [[line for line in log.read_text().splitlines() if "resuming from checkpoint" in line]
+             for log in logs]
+  assert resumed[0] and resumed[0][-1] == resumed[1][-1], resumed
+  assert resumed[0][-1].endswith(f"at step {saved[-2]}"), (resumed, saved)
   got = _losses(multi)
   assert [s for s, _ in got] == list(range(1, total + 1))
   for (_, a), (_, b) in zip(got, want):
     assert abs(a - b) <= 2e-6 * abs(b), (got, want)
   assert sorted(p.name for p in (multi / "checkpoints" / str(total) / "data").iterdir()
                 if p.suffix == ".json") == ["process_0-of-2.json", "process_1-of-2.json"]
+  # Its manifest was written after both workers' files: it lists worker 1's too.
+  listed = json.loads((multi / "checkpoints" / str(total) / "sptlm_manifest.json").read_text())
+  assert "data/process_1-of-2.json" in listed["files"]
+  assert any(k.startswith("state/ocdbt.process_1/") for k in listed["files"]), sorted(listed)

@@ -226,3 +226,36 @@ def test_encode_and_transcribe_batch_jobs_survive_bad_inputs(trained, corpus_dir
   assert greedy_row["text"] == SpeechTokenizer.load(trained, lm=None).transcribe([samples])[0]
   _, err = _run(["encode", "--workdir", str(tmp_path / "nowhere"), str(speech)], env, code=1)
   assert "not a tokenizer work directory" in err.strip().splitlines()[-1]
+
+
+def _digest(root: pathlib.Path) -> dict[str, bytes]:
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+          if p.is_file()}
+
+
+def test_a_changed_model_stops_before_anything_is_touched(trained, corpus_dir, env, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(trained, workdir)
+  before = _digest(workdir)
+  _, err = _run(["train", "--config", CONFIG, "--workdir", str(workdir),
+                 f"--config.data.corpus={corpus_dir}", "--config.train.steps=40", *TINY,
+                 "--config.model.d_model=48"], env, code=1)
+  line = err.strip().splitlines()[-1]
+  assert line.startswith("sptlm tokenizer: error: checkpoint ") and "Traceback" not in err
+  assert "params/" in line and "in the config but" in line and "model.d_model: 32 -> 48" in line
+  assert _digest(workdir) == before
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(corpus_dir, env, tmp_path):
+  args = ["train", "--config", CONFIG, f"--config.data.corpus={corpus_dir}",
+          "--config.train.steps=6", *TINY, "--config.train.checkpoint_every=3"]
+  _run([*args, "--workdir", str(tmp_path / "run")], env)
+  before = _metrics(tmp_path / "run")
+  newest = tmp_path / "run" / "checkpoints" / "6"
+  victim = max((p for p in (newest / "state").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+  victim.unlink()
+  _, err = _run([*args, "--workdir", str(tmp_path / "run")], env)
+  assert "is damaged" in err and "resuming from checkpoint at step 3" in err
+  assert (tmp_path / "run" / "corrupt_checkpoints" / "6").is_dir()
+  assert [r["loss"] for r in _metrics(tmp_path / "run")] == [r["loss"] for r in before]

@@ -71,8 +71,8 @@ def _run(tiny_config, workdir: pathlib.Path, *, start_step: int = 0, steps: int 
   last = loop.run(
       tcfg, str(workdir), "{}", program=program or _Program(), state={"n": start_step},
       start_step=start_step, data_iter=itertools.count(), ckpt=ckpt, stop=stop or _Stop(),
-      tokens=lambda m: float(m["tokens"]),
-      report=lambda m, rate: ({"loss": m["loss"], "tokens_per_s": rate}, {}),
+      counts=lambda m: {"tokens_per_s": float(m["tokens"])},
+      report=lambda m, rates: ({"loss": m["loss"], "tokens_per_s": rates["tokens_per_s"]}, {}),
       periodic=periodic or [])
   return last, ckpt
 
@@ -124,7 +124,8 @@ class _Source:
 
   steps: dict[str, int | None] = {}
 
-  def __init__(self, workdir: str, *, keep: int, async_save: bool):
+  def __init__(self, workdir: str, *, keep: int, async_save: bool, read_only: bool = False):
+    assert read_only  # another run's directory is never written to
     self.step = self.steps[workdir]
 
   def latest_step(self) -> int | None:
@@ -133,9 +134,12 @@ class _Source:
   def restore_state(self, step: int, abstract_state: Any) -> dict[str, str]:
     return {k: f"{k}{step}" for k in ("params", "vq", "opt_state")}
 
+  def close(self) -> None:
+    pass
+
 
 class _Empty:
-  def restore(self, abstract_state: Any, data_iter: Any) -> None:
+  def restore(self, abstract_state: Any, data_iter: Any, config: Any = None) -> None:
     return None
 
 

@@ -16,7 +16,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from pallas_kernels import flash_attention as flash
 from sptlm import sharding
-from sptlm.config import ModelConfig
+from sptlm.config import ConfigError, ModelConfig
 
 Backend = Callable[..., jax.Array]
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so a fully masked row stays finite
@@ -114,7 +114,7 @@ def pallas_attention(q_BxLxHxDh: jax.Array, k_BxLxKxDh: jax.Array, v_BxLxKxDh: j
   kv_split = (shards > 1 and kv_heads % shards == 0
               and _mesh_axes("kv_heads", rules, mesh, kv_heads) == head_axes)
   if shards > 1 and not kv_split and local_heads % group and group % local_heads:
-    raise ValueError(f"pallas attention: {h} query heads over {shards} shards ({local_heads} "
+    raise ConfigError(f"pallas attention: {h} query heads over {shards} shards ({local_heads} "
                      f"each) do not align with kv groups of {group}; change the 'heads' rule "
                      "or the mesh")
   local_kv = kv_heads // shards if kv_split else max(local_heads // group, 1)

@@ -16,6 +16,7 @@ import numpy as np
 import scipy.io.wavfile
 import scipy.signal
 
+from sptlm.errors import UserError
 from sptlm.speech.features import SAMPLE_RATE, SAMPLES_PER_TOKEN
 
 MIN_SECONDS = SAMPLES_PER_TOKEN / SAMPLE_RATE  # 80 ms: one token
@@ -24,7 +25,7 @@ CLIP_LEVEL = 0.999
 CLIP_FRACTION = 1e-3  # more samples than this at full scale: clipped
 
 
-class AudioError(ValueError):
+class AudioError(UserError, ValueError):
   """Audio that cannot be tokenized; the message names the file and the fix."""
 
 

@@ -1,8 +1,8 @@
 """`sptlm tokenizer ...`: build a speech corpus, train the tokenizer, encode and transcribe.
 
 Registered by the top-level CLI through `add_parser(subparsers)`. Handlers take
-(args, overrides) and return an exit code; user errors raise ValueError / FileNotFoundError
-with one line, which the top-level CLI prints.
+(args, overrides) and return an exit code; user errors raise a UserError (sptlm.errors) with
+one line, which the top-level CLI prints.
 
 Batch jobs (encode, transcribe) write one JSON line per input as soon as it is done, flushed.
 A bad input gets an {"audio": ..., "error": ...} line and a line on stderr, and the job goes
@@ -19,13 +19,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TextIO
 
 from sptlm import paths
+from sptlm.errors import MissingFileError, UserError
 
 DEFAULT_CONFIG = "configs/speech_tokenizer_tiny.py"
 
 
 def _no_overrides(overrides: Sequence[str], command: str) -> None:
   if overrides:
-    raise ValueError(f"{overrides[0]}: --config.KEY=VALUE overrides apply to `tokenizer train`, "
+    raise UserError(f"{overrides[0]}: --config.KEY=VALUE overrides apply to `tokenizer train`, "
                      f"not `tokenizer {command}`")
 
 
@@ -38,7 +39,8 @@ def cmd_build_corpus(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   texts = [pathlib.Path(t) for t in args.text]
   if args.fortunes:
     if not corpus.FORTUNES_DIR.is_dir():
-      raise FileNotFoundError(f"{corpus.FORTUNES_DIR} not found: apt-get install fortunes")
+      raise MissingFileError(f"--fortunes: {corpus.FORTUNES_DIR} not found; "
+                             "apt-get install fortunes")
     texts += sorted(p for p in corpus.FORTUNES_DIR.iterdir()
                     if p.is_file() and not p.suffix and p.name not in ("art", "ascii-art"))
   if texts and not args.no_default_text:
@@ -67,18 +69,10 @@ def cmd_fetch_lm_text(args: argparse.Namespace, overrides: Sequence[str]) -> int
 
 
 def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-  from sptlm.config import ConfigError
   from sptlm.speech import config as config_lib
-  try:
-    cfg = config_lib.load(paths.resolve(args.config), list(overrides))
-  except ConfigError as e:
-    raise ValueError(str(e)) from None
+  cfg = config_lib.load(paths.resolve(args.config), list(overrides))  # ConfigError: one line
   from sptlm.speech import train
-  from sptlm.train.trainer import TrainingError
-  try:
-    train.train(cfg, args.workdir or os.path.join("runs", cfg.name))
-  except TrainingError as e:
-    raise ValueError(str(e)) from None
+  train.train(cfg, args.workdir or os.path.join("runs", cfg.name))
   return 0
 
 
@@ -96,6 +90,14 @@ class Output:
       self.file: TextIO = sys.stdout
       return
     p = pathlib.Path(path)
+    try:
+      self._resume(p, key)
+      self.file = p.open("a", encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+      raise UserError(f"--output {path}: {getattr(e, 'strerror', None) or e}") from None
+
+  def _resume(self, p: pathlib.Path, key: str) -> None:
+    """Keeps an interrupted job's complete lines and notes the inputs they finished."""
     if p.exists():
       text = p.read_text(encoding="utf-8")
       complete = text[:text.rfind("\n") + 1]
@@ -108,7 +110,6 @@ class Output:
           continue
         if "error" not in row and key in row:
           self.done.add(row[key])
-    self.file = p.open("a", encoding="utf-8")
 
   def write(self, row: dict, command: str) -> None:
     if "error" in row:
@@ -128,7 +129,7 @@ def _inputs(args: argparse.Namespace) -> list[str]:
     try:
       lines = pathlib.Path(args.list).read_text(encoding="utf-8").splitlines()
     except OSError as e:
-      raise FileNotFoundError(f"--list {args.list}: {e.strerror}") from None
+      raise UserError(f"--list {args.list}: {e.strerror}") from None
     files += [line.strip() for line in lines if line.strip()]
   return files
 
@@ -159,7 +160,7 @@ def cmd_encode(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   _no_overrides(overrides, "encode")
   files = _inputs(args)
   if not files:
-    raise ValueError("no audio given: name WAV files or pass --list FILE")
+    raise UserError("no audio given: name WAV files or pass --list FILE")
   tok = _load(args)
   out = Output(args.output, "audio")
   todo = [f for f in files if f not in out.done]
@@ -175,7 +176,7 @@ def cmd_encode(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def _token_lines(path: str) -> Iterator[tuple[int, dict]]:
   p = pathlib.Path(path)
   if not p.is_file():
-    raise FileNotFoundError(f"--tokens {path}: no such file")
+    raise MissingFileError(f"--tokens {path}: no such file")
   with p.open(encoding="utf-8") as f:
     for i, line in enumerate(f):
       if not line.strip():
@@ -190,7 +191,7 @@ def _token_lines(path: str) -> Iterator[tuple[int, dict]]:
 def cmd_transcribe(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   _no_overrides(overrides, "transcribe")
   if bool(args.tokens) == bool(args.audio or args.list):
-    raise ValueError("give either AUDIO files (or --list) or --tokens FILE.jsonl")
+    raise UserError("give either AUDIO files (or --list) or --tokens FILE.jsonl")
   tok = _load(args)
   if args.tokens:
     out = Output(args.output, "index")

@@ -13,9 +13,12 @@ import typing
 import ml_collections
 
 from sptlm import config as config_lib
-from sptlm.config import ConfigError, MeshConfig, TrainConfig
+from sptlm.config import (ConfigError, MeshConfig, TrainConfig, check_at_least, check_choice,
+                          check_positive, validate_mesh, validate_train)
 
 KIND = "speech_tokenizer"  # the `kind` key of every speech tokenizer config file
+POSITIONS = ("sinusoid", "rope")  # model.positions (sptlm.speech.model)
+UNIT_TYPES = ("char", "unigram")  # asr.unit_type: SentencePiece model types (sptlm.speech.units)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,16 +127,26 @@ def from_config_dict(cfg: ml_collections.ConfigDict | dict) -> SpeechTokenizerCo
 
 
 def validate(c: SpeechTokenizerConfig) -> None:
-  """Cross-field checks the types cannot express."""
-  m, v, d, t = c.model, c.vq, c.data, c.train
+  """Value and cross-field checks the types cannot express; sizes first, so the cross-field
+  checks never divide by zero."""
+  m, v, a, d, t = c.model, c.vq, c.asr, c.data, c.train
+  for key in ("num_mels", "d_model", "num_heads", "d_ff", "pool", "ctc_upsample"):
+    check_at_least(f"model.{key}", getattr(m, key), 1)
+  for key in ("layers_before_vq", "layers_after_vq"):
+    check_at_least(f"model.{key}", getattr(m, key), 0)
+  check_choice("model.positions", m.positions, POSITIONS)
+  check_choice("model.dtype", m.dtype, config_lib.DTYPES)
+  check_choice("model.param_dtype", m.param_dtype, config_lib.DTYPES)
+  check_positive("model.max_seconds", m.max_seconds)
+  check_choice("asr.unit_type", a.unit_type, UNIT_TYPES)
+  validate_train(t)
+  validate_mesh(c.mesh)
   if m.d_model % m.num_heads:
     raise ConfigError(f"model.d_model={m.d_model} must be a multiple of "
                       f"model.num_heads={m.num_heads}")
-  if m.pool < 1 or m.layers_before_vq < 0 or m.layers_after_vq < 0 or m.ctc_upsample < 1:
-    raise ConfigError("model.pool and model.ctc_upsample must be >= 1, model.layers_* >= 0")
-  for key in ("dtype", "param_dtype"):
-    if getattr(m, key) not in ("float32", "bfloat16", "float16"):
-      raise ConfigError(f"model.{key}={getattr(m, key)!r}: use float32, bfloat16 or float16")
+  if m.positions == "rope" and (m.d_model // m.num_heads) % 2:
+    raise ConfigError(f"model.positions='rope' rotates pairs of dims: the head width "
+                      f"model.d_model / model.num_heads = {m.d_model // m.num_heads} must be even")
   token_s = 0.02 * m.pool
   if m.block_causal_seconds < 0 or (m.block_causal_seconds and
                                     abs(m.block_causal_seconds / token_s
@@ -146,65 +159,48 @@ def validate(c: SpeechTokenizerConfig) -> None:
                       "50 Hz frame (0.02 s)")
   if m.conv_kernel < 0 or (m.conv_kernel and m.conv_kernel % 2 == 0):
     raise ConfigError(f"model.conv_kernel={m.conv_kernel} must be 0 (off) or odd")
-  if not 0.0 < v.ema_decay < 1.0:
-    raise ConfigError(f"vq.ema_decay={v.ema_decay} must be in (0, 1)")
-  if v.code_dim < 0:
-    raise ConfigError(f"vq.code_dim={v.code_dim} must be >= 0 (0: the model width)")
-  if v.codebook_size < 2 or v.restart_after < 1:
-    raise ConfigError("vq.codebook_size must be >= 2 and vq.restart_after >= 1")
-  if c.asr.units < 8:
-    raise ConfigError(f"asr.units={c.asr.units} must be at least 8")
-  if c.asr.inter_ctc_weight < 0:
-    raise ConfigError(f"asr.inter_ctc_weight={c.asr.inter_ctc_weight} must be >= 0")
-  if m.positions not in ("sinusoid", "rope"):
-    raise ConfigError(f"model.positions must be 'sinusoid' or 'rope', not {m.positions!r}")
   if not 0 <= m.token_rate_layers <= m.layers_after_vq:
     raise ConfigError(f"model.token_rate_layers={m.token_rate_layers} must be within 0.."
                       f"model.layers_after_vq={m.layers_after_vq}")
-  if c.asr.inter_ctc_weight > 0 and m.pool < m.ctc_upsample:
+  check_at_least("vq.codebook_size", v.codebook_size, 2)
+  if not 0.0 < v.ema_decay < 1.0:
+    raise ConfigError(f"vq.ema_decay={v.ema_decay} must be in (0, 1)")
+  check_at_least("vq.commitment_weight", v.commitment_weight, 0.0)
+  check_at_least("vq.restart_after", v.restart_after, 1)
+  check_at_least("vq.warmup_steps", v.warmup_steps, 0)
+  check_at_least("vq.code_dim", v.code_dim, 0, " (0: the model width)")
+  check_at_least("asr.units", a.units, 8)
+  check_at_least("asr.inter_ctc_weight", a.inter_ctc_weight, 0.0)
+  check_at_least("asr.lm_order", a.lm_order, 0, " (0: no language model, greedy decoding)")
+  check_at_least("asr.beam", a.beam, 1)
+  if a.inter_ctc_weight > 0 and m.pool < m.ctc_upsample:
     raise ConfigError(f"asr.inter_ctc_weight > 0 needs model.pool={m.pool} >= model.ctc_upsample="
                       f"{m.ctc_upsample}: the frames below the pooling must fit the CTC labels")
-  if c.asr.lm_order < 0 or c.asr.beam < 1:
-    raise ConfigError(f"asr.lm_order={c.asr.lm_order} must be >= 0 (0: no LM) and "
-                      f"asr.beam={c.asr.beam} >= 1")
-  if c.data.tune_split and c.data.tune_split == c.data.train_split:
-    raise ConfigError(f"data.tune_split={c.data.tune_split!r} is the training split: decoding "
+  if d.tune_split and d.tune_split == d.train_split:
+    raise ConfigError(f"data.tune_split={d.tune_split!r} is the training split: decoding "
                       "weights must be chosen on held-out audio (a build-corpus `dev` split)")
-  if c.asr.unit_type not in ("char", "unigram"):
-    raise ConfigError(f"asr.unit_type={c.asr.unit_type!r}: use 'char' or 'unigram'")
   if not d.bucket_seconds or list(d.bucket_seconds) != sorted(d.bucket_seconds):
     raise ConfigError(f"data.bucket_seconds={d.bucket_seconds} must be increasing")
+  check_positive("data.bucket_seconds[0]", d.bucket_seconds[0])
   if max(d.bucket_seconds) > m.max_seconds:
     raise ConfigError(f"data.bucket_seconds goes to {max(d.bucket_seconds)} s, above "
                       f"model.max_seconds={m.max_seconds}")
   if d.batch_seconds < max(d.bucket_seconds):
     raise ConfigError(f"data.batch_seconds={d.batch_seconds} must hold one utterance of the "
                       f"longest bucket ({max(d.bucket_seconds)} s)")
-  if d.eval_every < 1:
-    raise ConfigError(f"data.eval_every={d.eval_every} must be at least 1")
-  for key in ("steps", "log_every", "checkpoint_every"):
-    if getattr(t, key) < 1:
-      raise ConfigError(f"train.{key}={getattr(t, key)} must be at least 1")
+  check_at_least("data.eval_every", d.eval_every, 1)
+  check_at_least("data.eval_utterances", d.eval_utterances, 0, " (0: all)")
   if t.microbatches != 1:
     raise ConfigError(f"train.microbatches={t.microbatches}: the speech tokenizer batches by "
                       "length buckets; lower data.batch_seconds instead")
-  if t.keep_checkpoints < 2:
-    raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints} must be at least 2 so a "
-                      "corrupt latest checkpoint can fall back to the one before")
   if t.warmup_steps >= t.steps:
     raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be below train.steps={t.steps}")
-  if t.schedule not in ("linear", "cosine"):
-    raise ConfigError(f"train.schedule={t.schedule!r}: use 'linear' or 'cosine'")
-  for name, axes in c.mesh.rules:
-    for a in axes:
-      if a not in ("data", "fsdp", "tensor"):
-        raise ConfigError(f"mesh.rules[{name!r}] uses unknown mesh axis {a!r}")
 
 
 def load(path: str | pathlib.Path, overrides: typing.Sequence[str] = ()) -> SpeechTokenizerConfig:
   """File + `--config.KEY=VALUE` overrides -> frozen config."""
   cfg = config_lib.load_config_file(path)
-  config_lib.apply_overrides(cfg, list(overrides))
+  config_lib.apply_overrides(cfg, list(overrides), SpeechTokenizerConfig)
   return from_config_dict(cfg)
 
 

@@ -36,6 +36,7 @@ import scipy.io.wavfile
 from tqdm import tqdm
 
 from sptlm import paths
+from sptlm.errors import InputError, MissingFileError
 from sptlm.speech import audio as audio_lib
 from sptlm.speech.features import SAMPLE_RATE
 
@@ -93,7 +94,7 @@ def read_sentences(path: pathlib.Path, *, min_words: int = 3, max_words: int = 1
   try:
     text = path.read_text(encoding="utf-8", errors="replace")
   except OSError as e:
-    raise FileNotFoundError(f"text source {path}: {e.strerror}") from None
+    raise MissingFileError(f"text source {path}: {e.strerror}") from None
   lines = text.replace("\r\n", "\n").split("\n")
   if sum(line.strip() == "%" for line in lines) > 3:  # a fortune file
     blocks = [b for b in "\n".join(lines).split("\n%\n")]
@@ -160,7 +161,7 @@ def plan_corpus(sentences: Sequence[str], *, seed: int, num_train: int, num_test
   """Deduplicates, shuffles and splits the sentences and gives each a voice, rate and pitch."""
   unique = unique_sentences(sentences)
   if len(unique) < num_test + num_dev + 1:
-    raise ValueError(f"only {len(unique)} usable sentences; need more than --test={num_test} "
+    raise InputError(f"only {len(unique)} usable sentences; need more than --test={num_test} "
                      f"+ --dev={num_dev}")
   order = np.random.default_rng([seed, 0]).permutation(len(unique))
   test = [unique[i] for i in order[:num_test]]
@@ -185,8 +186,8 @@ def plan_corpus(sentences: Sequence[str], *, seed: int, num_train: int, num_test
 def espeak_binary() -> str:
   exe = shutil.which("espeak-ng")
   if exe is None:
-    raise FileNotFoundError("espeak-ng is not installed (bash scripts/setup.sh installs it; or "
-                            "apt-get install espeak-ng)")
+    raise MissingFileError("espeak-ng is not installed (bash scripts/setup.sh installs it; or "
+                           "apt-get install espeak-ng)")
   return exe
 
 
@@ -197,8 +198,8 @@ def check_voices(exe: str) -> None:
   have = {line.split()[-1].split("/")[-1] for line in listing.splitlines()[1:] if line.split()}
   missing = [v for v in VARIANTS if v not in have]
   if missing:
-    raise FileNotFoundError(f"espeak-ng lacks the voice variants {', '.join(missing[:5])}; "
-                            "install the Debian espeak-ng-data package (1.51 or later)")
+    raise MissingFileError(f"espeak-ng lacks the voice variants {', '.join(missing[:5])}; "
+                           "install the Debian espeak-ng-data package (1.51 or later)")
 
 
 def render(plan: Plan, wav_path: pathlib.Path, exe: str) -> float:
@@ -229,7 +230,7 @@ def build_corpus(out: str | pathlib.Path, *, texts: Sequence[str | pathlib.Path]
   sources = [pathlib.Path(t) for t in texts] or default_texts()
   for src in sources:
     if not src.is_file():
-      raise FileNotFoundError(f"text source not found: {src}")
+      raise MissingFileError(f"text source not found: {src}")
   sentences = [s for src in sources for s in read_sentences(src)]
   plans = plan_corpus(sentences, seed=seed, num_train=num_train, num_test=num_test,
                       heldout_variants=heldout_variants, num_dev=num_dev)
@@ -247,7 +248,7 @@ def build_corpus(out: str | pathlib.Path, *, texts: Sequence[str | pathlib.Path]
     old = json.loads(meta_path.read_text())
     if old.get("fingerprint") == fingerprint and (out / "manifest.jsonl").exists():
       return old
-    raise ValueError(f"{out} holds a different corpus (fingerprint {old.get('fingerprint')} != "
+    raise InputError(f"{out} holds a different corpus (fingerprint {old.get('fingerprint')} != "
                      f"{fingerprint}); choose another --out or delete it")
   exe = espeak_binary()
   check_voices(exe)
@@ -289,8 +290,8 @@ class ManifestSource:
     if path.is_dir():
       path = path / "manifest.jsonl"
     if not path.is_file():
-      raise FileNotFoundError(f"corpus manifest not found: {path} (run `sptlm tokenizer "
-                              "build-corpus --out DIR` or set data.corpus)")
+      raise MissingFileError(f"corpus manifest not found: {path} (run `sptlm tokenizer "
+                             "build-corpus --out DIR` or set data.corpus)")
     self.name = str(path)
     self.root = path.parent
     self._utts = self._read(path)
@@ -305,14 +306,14 @@ class ManifestSource:
           row = json.loads(line)
           audio, text = row["audio"], row["text"]
         except (json.JSONDecodeError, KeyError, TypeError):
-          raise ValueError(f"{path}:{n}: want a JSON object with 'audio' and 'text'") from None
+          raise InputError(f"{path}:{n}: want a JSON object with 'audio' and 'text'") from None
         utts.append(Utterance(str(row.get("id", n)), audio, normalize_text(text),
                               row.get("split", "train"), row.get("voice", ""),
                               float(row.get("seconds", 0.0))))
       else:
         parts = line.rstrip("\n").split("\t")
         if len(parts) < 2:
-          raise ValueError(f"{path}:{n}: want `audio path<TAB>transcript`")
+          raise InputError(f"{path}:{n}: want `audio path<TAB>transcript`")
         if n == 1 and parts[0].lower() in ("path", "audio", "file", "wav"):
           continue
         utts.append(Utterance(str(n), parts[0], normalize_text(parts[1]),
@@ -325,7 +326,7 @@ class ManifestSource:
   def utterances(self, split: str) -> list[Utterance]:
     got = [u for u in self._utts if u.split == split]
     if not got:
-      raise ValueError(f"corpus {self.name} has no utterances in split {split!r} "
+      raise InputError(f"corpus {self.name} has no utterances in split {split!r} "
                        f"(it has: {', '.join(self.splits())})")
     return got
 
@@ -349,7 +350,7 @@ def export_tfds(spec: str, out: pathlib.Path, splits: Sequence[str]) -> pathlib.
   try:
     import tensorflow_datasets as tfds
   except ImportError:
-    raise ValueError(f"data.corpus={spec!r} needs tensorflow-datasets (pip install "
+    raise InputError(f"data.corpus={spec!r} needs tensorflow-datasets (pip install "
                      "tensorflow-datasets tensorflow-cpu) and the dataset prepared") from None
   (out / "wav").mkdir(parents=True, exist_ok=True)
   with (out / "manifest.jsonl.part").open("w") as f:
@@ -358,7 +359,7 @@ def export_tfds(spec: str, out: pathlib.Path, splits: Sequence[str]) -> pathlib.
         ds, info = tfds.load(name, split=split, with_info=True, download=False,
                              data_dir=os.environ.get("TFDS_DATA_DIR") or None)
       except Exception as e:  # noqa: BLE001 - any TFDS failure is a setup problem to report
-        raise ValueError(f"TFDS {name!r} split {split!r} is not available: "
+        raise InputError(f"TFDS {name!r} split {split!r} is not available: "
                          f"{str(e).splitlines()[0][:200]}") from None
       rate = getattr(info.features["speech"], "sample_rate", SAMPLE_RATE)
       for i, ex in enumerate(tqdm(tfds.as_numpy(ds), desc=f"export {name}:{split}")):

@@ -21,6 +21,7 @@ import grain
 import numpy as np
 import scipy.io.wavfile
 
+from sptlm.errors import InputError
 from sptlm.speech import features
 from sptlm.speech.corpus import ManifestSource, Utterance
 from sptlm.speech.units import Units, ctc_frames_needed
@@ -73,7 +74,7 @@ def prepare(source: ManifestSource, split: str, units: Units, max_tokens: int,
       tokens.append(n)
       labels.append(lab)
   if not utts:
-    raise ValueError(f"split {split!r} of {source.name} has no usable utterance ({long} longer "
+    raise InputError(f"split {split!r} of {source.name} has no usable utterance ({long} longer "
                      f"than the longest bucket, {dense} with empty or too dense transcripts)")
   return Prepared(utts, np.asarray(tokens), labels, long, dense)
 
@@ -153,7 +154,7 @@ def train_iterator(source: ManifestSource, data: Prepared, shapes: list[tuple[in
   """A checkpointable iterator over `steps` (or more) batches."""
   per_epoch = len(plan_batches(data.tokens, shapes, seed=seed, epochs=1))
   if per_epoch == 0:
-    raise ValueError(f"{len(data.utts)} utterances do not fill one batch of any bucket; lower "
+    raise InputError(f"{len(data.utts)} utterances do not fill one batch of any bucket; lower "
                      "data.batch_seconds")
   plan = plan_batches(data.tokens, shapes, seed=seed, epochs=math.ceil(steps / per_epoch) + 1,
                       short_first=short_first)

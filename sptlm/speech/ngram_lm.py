@@ -13,6 +13,8 @@ import pathlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+from sptlm.errors import InputError
+
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 _SPECIAL = (BOS, EOS, UNK)
 _LN10 = math.log(10.0)
@@ -159,7 +161,8 @@ class NgramLM:
         for i in range(len(toks) - n + 1):
           c[toks[i:i + n]] += 1
     if not counts[0]:
-      raise ValueError("cannot train a language model on no words")
+      raise InputError("cannot train a language model on no words (asr.lm_text and the "
+                       "corpus's lm_text.txt or training transcripts are empty)")
 
     # Adjusted counts: raw for the top order and for n-grams that start with <s> (nothing can
     # precede them); otherwise the number of distinct words seen before the n-gram.
@@ -233,7 +236,7 @@ class NgramLM:
   @classmethod
   def load_arpa(cls, path: str | pathlib.Path) -> "NgramLM":
     """An ARPA file (from `save_arpa`, KenLM's lmplz or SRILM; `.gz` too). Text before \\data\\
-    is ignored; anything malformed raises ValueError naming the file and line."""
+    is ignored; anything malformed raises InputError (a ValueError) naming the file and line."""
     p = pathlib.Path(path)
     try:
       raw = p.read_bytes()
@@ -241,7 +244,7 @@ class NgramLM:
         raw = gzip.decompress(raw)
       text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
-      raise ValueError(f"{p}: cannot read ARPA language model: {e}") from None
+      raise InputError(f"{p}: cannot read ARPA language model: {e}") from None
     lines = text.split("\n")
     if lines and not lines[-1]:
       lines.pop()  # the final newline
@@ -265,8 +268,8 @@ def _discounts(adjusted_counts: Iterable[int]) -> tuple[float, float, float]:
 
 
 def _parse_arpa(lines: list[str], name: str) -> NgramLM:
-  def fail(i: int, msg: str) -> ValueError:
-    return ValueError(f"{name}:{i + 1}: {msg} (not a valid ARPA language model)")
+  def fail(i: int, msg: str) -> InputError:
+    return InputError(f"{name}:{i + 1}: {msg} (not a valid ARPA language model)")
 
   i = 0
   while i < len(lines) and lines[i].strip() != "\\data\\":

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from sptlm.errors import InputError, MissingFileError
 from sptlm.paths import local_copy
 from sptlm.speech import audio as audio_lib
 from sptlm.speech import features
@@ -126,7 +127,7 @@ class SpeechTokenizer:
     alpha = cfg.asr.lm_alpha if alpha is None else alpha
     beta = cfg.asr.lm_beta if beta is None else beta
     if beam < 1:
-      raise ValueError(f"beam must be >= 1, not {beam}")
+      raise InputError(f"beam must be >= 1, not {beam}")
     self.lm, self.beam, self.alpha, self.beta, self.lexicon = lm, beam, alpha, beta, lexicon
     graphdef = nnx_graphdef(cfg, cfg.asr.units)
     self._tokenize, self._logits = program_lib.make_inference(graphdef)
@@ -154,8 +155,8 @@ class SpeechTokenizer:
     wd = epath.Path(workdir)
     cfg_path = wd / "config.json"
     if not cfg_path.exists():
-      raise FileNotFoundError(f"{wd} is not a tokenizer work directory (no config.json); "
-                              "train one with `sptlm tokenizer train`")
+      raise MissingFileError(f"{wd} is not a tokenizer work directory (no config.json); "
+                             "train one with `sptlm tokenizer train`")
     cfg = config_lib.from_json(cfg_path.read_text())
     units = Units(local_copy(wd / UNITS_FILE))
     if "lm" not in kwargs and (wd / LM_FILE).exists():
@@ -166,11 +167,11 @@ class SpeechTokenizer:
       for key in ("alpha", "beta"):
         kwargs.setdefault(key, float(tuned[key]))
     ckpt = checkpoint_lib.Checkpointer(str(wd), keep=cfg.train.keep_checkpoints,
-                                       async_save=False)
+                                       async_save=False, read_only=True)
     try:
       step = ckpt.latest_step()
       if step is None:
-        raise FileNotFoundError(f"{wd} has no checkpoint yet; train first")
+        raise MissingFileError(f"{wd} has no checkpoint yet; train first")
       mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),
                                ("data", "fsdp", "tensor"))
       program = program_lib.build(cfg, mesh, cfg.asr.units)

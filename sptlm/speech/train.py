@@ -14,6 +14,7 @@ search with the run's word LM, WORKDIR/asr_lm.arpa), wer_greedy_<split> and code
 At the last step the LM weights are chosen on data.tune_split (WORKDIR/asr_decoding.json).
 """
 
+import dataclasses
 import json
 import logging
 import math
@@ -181,9 +182,11 @@ def _summary(cfg: SpeechTokenizerConfig, program: program_lib.Program,
 
 def train(cfg: SpeechTokenizerConfig, workdir: str) -> dict[str, Any]:
   """Trains until train.steps (or a stop signal); returns the last logged metrics."""
+  loop.check_workdir(workdir)
+  cfg = dataclasses.replace(cfg, train=loop.planned_steps(cfg.train, workdir))
   tcfg, dcfg = cfg.train, cfg.data
   wd = epath.Path(workdir)
-  loop.write_config(workdir, config_lib.to_json(cfg))
+  config_json = config_lib.to_json(cfg)
 
   # ---- Mesh --------------------------------------------------------------------------------
   mesh = sharding.make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp,
@@ -196,6 +199,8 @@ def train(cfg: SpeechTokenizerConfig, workdir: str) -> dict[str, Any]:
   splits = (dcfg.train_split, *dcfg.eval_splits, *([dcfg.tune_split] if dcfg.tune_split else []))
   source = corpus_lib.open_source(dcfg.corpus, cache_dir=pathlib.Path(str(cache)),
                                   splits=tuple(dict.fromkeys(splits)))
+  if jax.process_index() == 0:
+    wd.mkdir(parents=True, exist_ok=True)  # the unit model and LM are kept beside the run
   units = _units(cfg, source, wd)
   shapes = input_lib.bucket_shapes(dcfg.bucket_seconds, dcfg.batch_seconds,
                                    math.lcm(data_parallel, jax.process_count()))
@@ -223,15 +228,22 @@ def train(cfg: SpeechTokenizerConfig, workdir: str) -> dict[str, Any]:
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=tcfg.keep_checkpoints,
                                      async_save=tcfg.async_checkpoints)
   start_step, state = loop.restore_or_init(ckpt, program, data_iter, tcfg.init_from,
-                                           ("params", "vq"))
+                                           ("params", "vq"), config_json)
+  loop.write_config(workdir, config_json, start_step)  # only now: the checkpoint fits
+  if loop.already_complete(tcfg, start_step):
+    ckpt.close()
+    stop.restore()
+    return {"step": start_step}
 
   # ---- Summary -----------------------------------------------------------------------------
   if jax.process_index() == 0:
     print(_summary(cfg, program, data, shapes, workdir, start_step), flush=True)
 
   # ---- Loop --------------------------------------------------------------------------------
-  def report(m: loop.Metrics, rate: float) -> tuple[dict[str, Any], dict[str, str]]:
-    """rate: 12.5 Hz tokens of real audio per second; audio_x: seconds of audio per second."""
+  def report(m: loop.Metrics, rates: dict[str, float]) -> tuple[dict[str, Any], dict[str, str]]:
+    """tokens_per_s: 12.5 Hz tokens of real audio per second (padding not counted); audio_x:
+    seconds of audio per second."""
+    rate = rates["tokens_per_s"]
     row = {k: m[k] for k in ("loss", "loss_ctc", "loss_commit", "loss_inter_ctc", "grad_norm",
                              "lr", "code_usage", "code_perplexity", "codes_restarted")}
     row["tokens_per_s"] = rate
@@ -259,7 +271,7 @@ def train(cfg: SpeechTokenizerConfig, workdir: str) -> dict[str, Any]:
     return row
 
   periodic = [loop.Periodic(dcfg.eval_every, run_eval)] if eval_sets or tune_utts else []
-  return loop.run(tcfg, workdir, config_lib.to_json(cfg), program=program, state=state,
+  return loop.run(tcfg, workdir, config_json, program=program, state=state,
                   start_step=start_step, data_iter=data_iter, ckpt=ckpt, stop=stop,
-                  tokens=lambda m: float(m["tokens"]), report=report,
+                  counts=lambda m: {"tokens_per_s": m["tokens"]}, report=report,
                   periodic=periodic)

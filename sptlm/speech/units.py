@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import sentencepiece as spm
 
+from sptlm.errors import InputError, MissingFileError
+
 
 def train_units(transcripts: Sequence[str], units: int, out_model: pathlib.Path,
                 unit_type: str = "unigram") -> pathlib.Path:
@@ -29,7 +31,7 @@ def train_units(transcripts: Sequence[str], units: int, out_model: pathlib.Path,
           num_threads=1, minloglevel=2, input_sentence_size=0,
           hard_vocab_limit=True)
     except RuntimeError as e:
-      raise ValueError(f"cannot train {units} ASR units on {len(transcripts)} transcripts "
+      raise InputError(f"cannot train {units} ASR units on {len(transcripts)} transcripts "
                        f"({str(e).splitlines()[0][-120:]}); adjust asr.units") from None
     tmp_model = out_model.with_suffix(".model.part")
     tmp_model.write_bytes(prefix.with_suffix(".model").read_bytes())
@@ -43,7 +45,7 @@ class Units:
   def __init__(self, model_file: str | pathlib.Path):
     path = pathlib.Path(model_file)
     if not path.is_file():
-      raise FileNotFoundError(f"ASR unit model not found: {path}")
+      raise MissingFileError(f"ASR unit model not found: {path}")
     self.sp = spm.SentencePieceProcessor(model_file=str(path))
     self.size = self.sp.vocab_size()
 

@@ -7,9 +7,15 @@ of a step's metrics make its metrics.jsonl row, and what else runs periodically 
 
 Step n-1's metrics are fetched only after step n is dispatched, so the host never stalls the
 device; the first step (which compiles) and periodic work are left out of the throughput.
+
+What a run promises (README, "Resuming"): nothing in the work directory is touched before the
+newest good checkpoint is found to fit the config (`restore_or_init`); config.json of an
+earlier segment is kept when the config changes (`write_config`); a full disk stops the run
+with one line and leaves the last committed checkpoint intact.
 """
 
 import dataclasses
+import json
 import logging
 import math
 import sys
@@ -22,6 +28,7 @@ from etils import epath
 from tqdm import tqdm
 
 from sptlm.config import TrainConfig
+from sptlm.errors import UserError
 from sptlm.train import checkpoint as checkpoint_lib
 from sptlm.train import metrics as metrics_lib
 from sptlm.train.stop import StopSignal
@@ -30,11 +37,11 @@ log = logging.getLogger(__name__)
 
 State = Any  # a train state: a pytree of (sharded) arrays
 Metrics = dict[str, Any]  # one step's metrics, fetched to the host
-# (fetched metrics, tokens per second of the window) -> (metrics.jsonl row, progress-bar postfix)
-Report = Callable[[Metrics, float], tuple[dict[str, Any], dict[str, str]]]
+# (fetched metrics, {counter: per second over the window}) -> (metrics.jsonl row, bar postfix)
+Report = Callable[[Metrics, dict[str, float]], tuple[dict[str, Any], dict[str, str]]]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
   """The run cannot go on (diverged, or started wrongly); the message says why and what to do."""
 
 
@@ -60,58 +67,128 @@ class Periodic:
   fn: Callable[[int, State], dict[str, float]]
 
 
-def write_config(workdir: str, config_json: str) -> None:
-  """Creates the work directory and writes its config.json (on process 0)."""
+def check_workdir(workdir: str) -> None:
+  """A work directory path that names something else stops the run before anything is done."""
+  wd = epath.Path(workdir)
+  if wd.exists() and not wd.is_dir():
+    raise TrainingError(f"--workdir {workdir} is a file, not a directory: choose another path")
+
+
+def write_config(workdir: str, config_json: str, start_step: int) -> None:
+  """Writes DIR/config.json (process 0). A different config.json already there (an earlier
+  segment of the run, e.g. before train.steps was raised) is kept as config.step<N>.json,
+  N the step this segment starts from."""
+  if jax.process_index() != 0:
+    return
+  wd = epath.Path(workdir)
+  wd.mkdir(parents=True, exist_ok=True)
+  path = wd / "config.json"
+  if path.exists():
+    old = path.read_text()
+    try:
+      same = json.loads(old) == json.loads(config_json)
+    except ValueError:
+      same = False
+    if same:
+      return
+    keep, i = wd / f"config.step{start_step}.json", 0
+    while keep.exists():
+      i += 1
+      keep = wd / f"config.step{start_step}.{i}.json"
+    keep.write_text(old)
+    log.info("the config changed; the earlier config.json is kept as %s", keep)
+  path.write_text(config_json)
+
+
+def planned_steps(tcfg: TrainConfig, workdir: str) -> TrainConfig:
+  """Keeps the learning-rate plan of a run that is extended (train.steps raised or lowered).
+
+  The schedule's length is train.schedule_steps, or train.steps when that is 0. A run resumed
+  with another train.steps keeps the plan recorded in its config.json, so the steps already
+  planned see the same learning rates, and steps past the plan hold min_learning_rate; set
+  train.schedule_steps explicitly to re-plan.
+  """
+  path = epath.Path(workdir) / "config.json"
+  if tcfg.schedule_steps or not path.exists():
+    return tcfg
+  try:
+    old = json.loads(path.read_text())["train"]
+    plan = int(old.get("schedule_steps") or old["steps"])
+  except (ValueError, KeyError, TypeError):
+    return tcfg
+  if plan == tcfg.steps:
+    return tcfg
+  log.warning("train.steps is %d but this run was planned for %d steps: the learning-rate "
+              "schedule keeps that plan (steps past it hold train.min_learning_rate); set "
+              "--config.train.schedule_steps=%d to re-plan it", tcfg.steps, plan, tcfg.steps)
   if jax.process_index() == 0:
-    wd = epath.Path(workdir)
-    wd.mkdir(parents=True, exist_ok=True)
-    (wd / "config.json").write_text(config_json)
+    print(f"learning-rate plan kept at {plan} steps (train.steps {plan} -> {tcfg.steps}); "
+          f"--config.train.schedule_steps={tcfg.steps} re-plans it", flush=True)
+  return dataclasses.replace(tcfg, schedule_steps=plan)
 
 
 def restore_or_init(ckpt: checkpoint_lib.Checkpointer, program: Program, data_iter: Any,
-                    init_from: str, keys: Sequence[str]) -> tuple[int, State]:
+                    init_from: str, keys: Sequence[str],
+                    config_json: str = "") -> tuple[int, State]:
   """(start step, state): the work directory's newest good checkpoint, with `data_iter` set to
   its position; else a fresh state with `keys` (e.g. "params") copied from the newest
-  checkpoint in `init_from`, when given; else a fresh state."""
-  restored = ckpt.restore(program.abstract_state, data_iter)
+  checkpoint in `init_from`, when given; else a fresh state. A checkpoint that does not fit
+  the config raises CheckpointMismatch (naming the differing keys of `config_json`) before
+  anything is written."""
+  restored = ckpt.restore(program.abstract_state, data_iter,
+                          json.loads(config_json) if config_json else None)
   if restored is not None:
     step, state = restored
     log.info("resuming from checkpoint at step %d", step)
     return step, state
   state = program.init()
   if init_from:
-    src = checkpoint_lib.Checkpointer(init_from, keep=2, async_save=False)
+    src = checkpoint_lib.Checkpointer(init_from, keep=2, async_save=False, read_only=True)
     step = src.latest_step()
     if step is None:
       raise TrainingError(f"train.init_from={init_from!r} holds no checkpoint")
     loaded = src.restore_state(step, program.abstract_state)
     state = dict(state, **{k: loaded[k] for k in keys})
+    src.close()
     log.info("initialised parameters from %s (step %d)", init_from, step)
   return 0, state
 
 
+def already_complete(tcfg: TrainConfig, start_step: int) -> bool:
+  """Says so (and how to go on) when the restored run has reached train.steps."""
+  if start_step < tcfg.steps:
+    return False
+  if jax.process_index() == 0:
+    print(f"the run is already complete: its checkpoint is at step {start_step} and "
+          f"train.steps={tcfg.steps}. To train further, raise it, e.g. "
+          f"--config.train.steps={start_step * 2}", flush=True)
+  return True
+
+
 def run(tcfg: TrainConfig, workdir: str, config_json: str, *, program: Program, state: State,
         start_step: int, data_iter: Iterator[Any], ckpt: checkpoint_lib.Checkpointer,
-        stop: StopSignal, tokens: Callable[[Metrics], float], report: Report,
+        stop: StopSignal, counts: Callable[[Metrics], dict[str, float]], report: Report,
         periodic: Sequence[Periodic] = ()) -> dict[str, Any]:
   """Trains from `start_step` until tcfg.steps or an agreed stop; returns the last logged row.
 
-  `tokens(m)` is how much work one step's metrics stand for, in the throughput's unit. A log
-  row (`report`) is written every tcfg.log_every steps and at the last; a checkpoint every
-  tcfg.checkpoint_every steps, at the last and on a stop. A non-finite loss raises
-  TrainingError. `ckpt` and `stop` are closed and restored whatever happens.
+  `counts(m)` is the work one step's metrics stand for ({"tokens_per_s": real tokens, ...});
+  `report` gets each counter per second of the window. A log row (`report`) is written every
+  tcfg.log_every steps and at the last; a checkpoint every tcfg.checkpoint_every steps, at the
+  last and on a stop. A non-finite loss raises TrainingError; a full disk, DiskFull. `ckpt`
+  and `stop` are closed and restored whatever happens.
   """
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step)
   bar = tqdm(total=tcfg.steps, initial=start_step, disable=jax.process_index() != 0,
              unit="step", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
   pending: tuple[int, Any] | None = None  # (step number, device metrics) not yet fetched
   last: dict[str, Any] = {}
-  window = {"t": time.perf_counter(), "tokens": 0.0}  # the throughput's current window
+  window: dict[str, float] = {"t": time.perf_counter()}  # the throughput's current window
   started = time.perf_counter()
   last_good = start_step
 
   def restart_window() -> None:
-    window.update(t=time.perf_counter(), tokens=0.0)
+    window.clear()
+    window["t"] = time.perf_counter()
 
   def finish() -> None:
     """Fetches the pending step's metrics, stops on a non-finite loss, logs every log_every."""
@@ -125,10 +202,11 @@ def run(tcfg: TrainConfig, workdir: str, config_json: str, *, program: Program, 
           f"loss is {float(m['loss'])} at step {step_number}; stopping. The last good "
           f"checkpoint (step {last_good}) is intact: lower train.learning_rate or check the "
           "data, then rerun the same command to resume from it")
-    window["tokens"] += tokens(m)
+    for k, v in counts(m).items():
+      window[k] = window.get(k, 0.0) + float(v)
     if step_number % tcfg.log_every == 0 or step_number == tcfg.steps:
-      rate = window["tokens"] / max(time.perf_counter() - window["t"], 1e-9)
-      row, postfix = report(m, rate)
+      seconds = max(time.perf_counter() - window["t"], 1e-9)
+      row, postfix = report(m, {k: v / seconds for k, v in window.items() if k != "t"})
       row["elapsed_s"] = time.perf_counter() - started  # this process's time in the loop so far
       writer.write(step_number, row)
       bar.set_postfix(**postfix)
@@ -164,10 +242,20 @@ def run(tcfg: TrainConfig, workdir: str, config_json: str, *, program: Program, 
                    f"a checkpoint at step {step}; rerun the same command to resume")
         break
     finish()
+    ckpt.wait()
+  except OSError as e:
+    if checkpoint_lib.is_disk_full(e):
+      raise checkpoint_lib.DiskFull(
+          f"no space left on device while writing to {workdir} ({e.filename or 'metrics'}); "
+          f"the checkpoint of step {last_good} is intact: free space, then rerun the same "
+          "command to resume") from e
+    raise
   finally:
     bar.close()
-    stop.restore()
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+    try:
+      ckpt.wait()
+    finally:
+      ckpt.close()
+      writer.close()
+      stop.restore()  # last: a SIGTERM during the final checkpoint write must not kill it
   return last

@@ -1,11 +1,45 @@
 """Run metrics to DIR/metrics.jsonl (full precision, flushed per line) and TensorBoard."""
 
 import json
+import logging
 import math
 from typing import Any
 
 import jax
 from etils import epath
+
+log = logging.getLogger(__name__)
+
+
+def _history(path: epath.Path, resume_step: int) -> list[str]:
+  """The rows of an earlier segment that the restored checkpoint covers (step <= resume_step).
+
+  Rows past it were logged by a run killed after its last checkpoint; they are redone, with
+  the same values. A line that is not JSON (a kill in the middle of a write) is dropped with
+  a warning. Starting from step 0 over a non-empty history keeps the old file whole, as
+  metrics.before_step0[.N].jsonl.
+  """
+  rows, torn = [], 0
+  for line in path.read_bytes().decode("utf-8", "replace").splitlines():
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+      step = int(row["step"])
+    except (ValueError, KeyError, TypeError):
+      torn += 1
+      continue
+    rows.append((step, line))
+  if torn:
+    log.warning("%s: dropped %d unreadable line(s) (a run killed while writing)", path, torn)
+  if resume_step == 0 and rows:
+    keep, i = path.parent / "metrics.before_step0.jsonl", 0
+    while keep.exists():
+      i += 1
+      keep = path.parent / f"metrics.before_step0.{i}.jsonl"
+    keep.write_text(path.read_bytes().decode("utf-8", "replace"))
+    log.warning("starting from step 0: the earlier %s is kept as %s", path.name, keep.name)
+  return [line for step, line in rows if step <= resume_step]
 
 
 class MetricsWriter:
@@ -23,10 +57,7 @@ class MetricsWriter:
     self.local = "://" not in str(workdir)
     self.rows: list[str] = []
     if self.path.exists():
-      # Drop entries a killed run logged past its last checkpoint: they will be redone.
-      keep_to = resume_step
-      self.rows = [line for line in self.path.read_text().splitlines()
-                   if line.strip() and json.loads(line).get("step", 0) <= keep_to]
+      self.rows = _history(self.path, resume_step)
       self.path.write_text("".join(line + "\n" for line in self.rows))
     self.file = self.path.open("a") if self.local else None
     from tensorboardX import SummaryWriter

@@ -8,9 +8,12 @@ from sptlm.config import TrainConfig
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:
-  """Linear warmup to the peak, then decay to min_learning_rate at the last step."""
-  warmup_steps = min(cfg.warmup_steps, cfg.steps - 1)
-  decay_steps = cfg.steps - warmup_steps
+  """Linear warmup to the peak, then decay to min_learning_rate at the plan's last step
+  (train.schedule_steps, or train.steps when 0) and hold it there: a run extended past its
+  plan keeps the learning rates of the steps already planned."""
+  plan = cfg.schedule_steps or cfg.steps
+  warmup_steps = min(cfg.warmup_steps, plan - 1)
+  decay_steps = plan - warmup_steps
   if cfg.schedule == "cosine":
     decay = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps,
                                         alpha=cfg.min_learning_rate / cfg.learning_rate)

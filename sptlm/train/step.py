@@ -98,7 +98,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
                                  jnp.nan),
         "grad_norm": grad_norm,
         "lr": schedule(state["step"]),
-        "tokens": sums["weight"],
+        "tokens": jnp.sum(batch["segment_ids"] > 0),  # real tokens: padding has segment 0
     }
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
     return new_state, metrics

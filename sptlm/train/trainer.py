@@ -6,6 +6,7 @@ sptlm.train.loop's, shared with `sptlm tokenizer train`; this file says what is 
 its input, program, metrics row and throughput (steps x tokens per step, and MFU).
 """
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -25,8 +26,10 @@ from sptlm.train.stop import StopSignal
 
 def train(cfg: Config, workdir: str) -> dict[str, Any]:
   """Trains until train.steps (or a stop signal); returns the last logged metrics."""
+  loop.check_workdir(workdir)
+  cfg = dataclasses.replace(cfg, train=loop.planned_steps(cfg.train, workdir))
   tcfg, dcfg = cfg.train, cfg.data
-  loop.write_config(workdir, config_lib.to_json(cfg))
+  config_json = config_lib.to_json(cfg)
 
   # ---- Mesh --------------------------------------------------------------------------------
   mesh = sharding.make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp,
@@ -47,7 +50,13 @@ def train(cfg: Config, workdir: str) -> dict[str, Any]:
   # ---- Restore or initialise ---------------------------------------------------------------
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=tcfg.keep_checkpoints,
                                      async_save=tcfg.async_checkpoints)
-  start_step, state = loop.restore_or_init(ckpt, program, data_iter, tcfg.init_from, ("params",))
+  start_step, state = loop.restore_or_init(ckpt, program, data_iter, tcfg.init_from, ("params",),
+                                           config_json)
+  loop.write_config(workdir, config_json, start_step)  # only now: the checkpoint fits
+  if loop.already_complete(tcfg, start_step):
+    ckpt.close()
+    stop.restore()
+    return {"step": start_step}
   flat = {"/".join(str(getattr(k, "key", k)) for k in path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(state["params"])[0]}
   unsharded = sharding.check_sharded(flat)
@@ -65,15 +74,20 @@ def train(cfg: Config, workdir: str) -> dict[str, Any]:
     print(_summary(cfg, program, stats, workdir, start_step, peak), flush=True)
 
   # ---- Loop --------------------------------------------------------------------------------
-  def report(m: loop.Metrics, rate: float) -> tuple[dict[str, Any], dict[str, str]]:
+  def report(m: loop.Metrics, rates: dict[str, float]) -> tuple[dict[str, Any], dict[str, str]]:
+    """tokens_per_s: real (non-padding) tokens; padded_tokens_per_s: all positions computed."""
+    padded = rates["padded_tokens_per_s"]
     row = {"loss": m["loss"], "loss_text": m["loss_text"], "loss_speech": m["loss_speech"],
-           "grad_norm": m["grad_norm"], "lr": m["lr"], "tokens_per_s": rate,
-           "mfu": rate / tokens_per_step * step_flops / total_peak}
-    return row, {"loss": f"{float(m['loss']):.4f}", "tok_s": f"{rate:,.0f}"}
+           "grad_norm": m["grad_norm"], "lr": m["lr"], "tokens_per_s": rates["tokens_per_s"],
+           "padded_tokens_per_s": padded,
+           "mfu": padded / tokens_per_step * step_flops / total_peak}
+    return row, {"loss": f"{float(m['loss']):.4f}", "tok_s": f"{rates['tokens_per_s']:,.0f}"}
 
-  return loop.run(tcfg, workdir, config_lib.to_json(cfg), program=program, state=state,
+  return loop.run(tcfg, workdir, config_json, program=program, state=state,
                   start_step=start_step, data_iter=data_iter, ckpt=ckpt, stop=stop,
-                  tokens=lambda m: tokens_per_step, report=report)
+                  counts=lambda m: {"tokens_per_s": m["tokens"],
+                                    "padded_tokens_per_s": tokens_per_step},
+                  report=report)
 
 
 def _summary(cfg: Config, program: program_lib.Program, stats: text_input.CorpusStats,
