@@ -73,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
   from sptlm.convert import cli as convert_cli
   from sptlm.speech import cli as speech_cli
+  from sptlm.t2t import cli as t2t_cli
   convert_cli.add_parser(sub)
   speech_cli.add_parser(sub)
+  t2t_cli.add_parser(sub)
   return parser
 
 

@@ -174,27 +174,39 @@ class _Loop(NamedTuple):
   rng: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("max_len", "max_new_tokens"))
+@functools.partial(jax.jit, static_argnames=("max_len", "max_new_tokens", "per_row"))
 def _generate_jit(graphdef: nnx.GraphDef, state: nnx.State, tokens_BxP: jax.Array,
                   segment_ids_BxP: jax.Array, positions_BxP: jax.Array, rng: jax.Array,
                   temperature: jax.Array, top_p: jax.Array, stop_tokens_S: jax.Array,
-                  pad_id: jax.Array, *, max_len: int, max_new_tokens: int) -> GenerateOutput:
+                  pad_id: jax.Array, row_seeds_B: jax.Array, max_new_B: jax.Array, *,
+                  max_len: int, max_new_tokens: int, per_row: bool) -> GenerateOutput:
   """Prefill and the whole decode loop as one program, so a step costs no Python."""
   model = nnx.merge(graphdef, state)
   b = tokens_BxP.shape[0]
   cache, logits_BxV = _prefill(model, tokens_BxP, segment_ids_BxP, positions_BxP, max_len)
   start_B = positions_BxP[:, -1] + 1  # position of the first generated token
+  row_keys_B = jax.vmap(lambda s: jax.random.fold_in(rng, s))(row_seeds_B)
+
+  def draw(logits_BxV: jax.Array, loop: _Loop) -> tuple[jax.Array, jax.Array]:
+    if not per_row:  # one stream for the batch
+      rng, key = jax.random.split(loop.rng)
+      return sample_logits(logits_BxV, key, temperature, top_p), rng
+    # each row its own stream: a row's tokens do not depend on the rest of the batch
+    keys_B = jax.vmap(lambda k: jax.random.fold_in(k, loop.step))(row_keys_B)
+    token_B = jax.vmap(lambda lg, k: sample_logits(lg[None], k, temperature, top_p)[0])(
+        logits_BxV, keys_B)
+    return token_B, loop.rng
 
   def emit(loop: _Loop, logits_BxV: jax.Array) -> _Loop:
-    rng, key = jax.random.split(loop.rng)
-    token_B = sample_logits(logits_BxV, key, temperature, top_p)
+    token_B, rng = draw(logits_BxV, loop)
     logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV.astype(jnp.float32)),
                                     token_B[:, None], axis=-1)[:, 0]
     live_B = ~loop.done_B
     return loop._replace(
         step=loop.step + 1,
         last_B=token_B,
-        done_B=loop.done_B | (token_B[:, None] == stop_tokens_S[None, :]).any(axis=-1),
+        done_B=(loop.done_B | (token_B[:, None] == stop_tokens_S[None, :]).any(axis=-1)
+                | (loop.lengths_B + live_B.astype(jnp.int32) >= max_new_B)),
         tokens_BxT=loop.tokens_BxT.at[:, loop.step].set(jnp.where(live_B, token_B, pad_id)),
         logprobs_BxT=loop.logprobs_BxT.at[:, loop.step].set(jnp.where(live_B, logprob_B, 0.0)),
         lengths_B=loop.lengths_B + live_B.astype(jnp.int32),
@@ -228,12 +240,18 @@ def _generate_jit(graphdef: nnx.GraphDef, state: nnx.State, tokens_BxP: jax.Arra
 def generate(model: Transformer, prompts: Prompts, *, max_new_tokens: int, rng: jax.Array,
              temperature: float = 0.0, top_p: float = 1.0, stop_tokens: Sequence[int] = (),
              pad_id: int = 0, lengths: Sequence[int] | np.ndarray | None = None,
-             max_len: int | None = None) -> GenerateOutput:
+             max_len: int | None = None, row_seeds: Sequence[int] | np.ndarray | None = None,
+             row_max_new_tokens: Sequence[int] | np.ndarray | None = None,
+             batch_sharding: jax.sharding.Sharding | None = None) -> GenerateOutput:
   """Continues each prompt by up to `max_new_tokens` tokens, one jitted loop for the batch.
 
-  A row stops after emitting any of `stop_tokens`; the loop ends once every row has stopped.
-  `max_len` sizes the cache (default: prompt length + max_new_tokens). Temperature, top_p,
-  pad_id, the rng and the stop tokens are traced, so changing them does not recompile.
+  A row stops after emitting any of `stop_tokens`, or `row_max_new_tokens[b]` tokens; the loop
+  ends once every row has stopped. `max_len` sizes the cache (default: prompt length +
+  max_new_tokens). With `row_seeds`, row b samples from its own stream (rng folded with its
+  seed and the step), so its tokens are the same whatever else is in the batch. With
+  `batch_sharding` the rows are split over its devices (the model's arrays must be replicated
+  over them). Temperature, top_p, pad_id, the rng, the seeds, the row limits and the stop
+  tokens are traced, so changing them does not recompile.
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
@@ -255,8 +273,21 @@ def generate(model: Transformer, prompts: Prompts, *, max_new_tokens: int, rng: 
   # Pad the stop set to a multiple of 8 with -1 (never sampled) so its size rarely recompiles.
   stop_S = np.full((-(-max(len(stop_tokens), 1) // 8) * 8,), -1, np.int32)
   stop_S[:len(stop_tokens)] = stop_tokens
+  b = padded.tokens_BxP.shape[0]
+  seeds_B = np.zeros((b,), np.uint32) if row_seeds is None else np.asarray(
+      row_seeds, np.uint32).reshape(b)
+  limit_B = np.full((b,), max_new_tokens, np.int32) if row_max_new_tokens is None else (
+      np.minimum(np.asarray(row_max_new_tokens, np.int32).reshape(b), max_new_tokens))
+  rows = (padded.tokens_BxP, padded.segment_ids_BxP, padded.positions_BxP, seeds_B, limit_B)
+  if batch_sharding is not None:
+    rows = tuple(jax.device_put(x, batch_sharding if x.ndim == 2 else
+                                jax.sharding.NamedSharding(batch_sharding.mesh,
+                                                           jax.sharding.PartitionSpec(
+                                                               batch_sharding.spec[0])))
+                 for x in rows)
+  tokens_BxP, segment_ids_BxP, positions_BxP, seeds_B, limit_B = rows
   graphdef, state = nnx.split(model)
-  return _generate_jit(graphdef, state, padded.tokens_BxP, padded.segment_ids_BxP,
-                       padded.positions_BxP, rng, jnp.float32(temperature), jnp.float32(top_p),
-                       stop_S, jnp.int32(pad_id), max_len=max_len,
-                       max_new_tokens=max_new_tokens)
+  return _generate_jit(graphdef, state, tokens_BxP, segment_ids_BxP, positions_BxP, rng,
+                       jnp.float32(temperature), jnp.float32(top_p), stop_S,
+                       jnp.int32(pad_id), seeds_B, limit_B, max_len=max_len,
+                       max_new_tokens=max_new_tokens, per_row=row_seeds is not None)

@@ -166,18 +166,8 @@ class SpeechTokenizer:
       tuned = json.loads((wd / DECODING_FILE).read_text())
       for key in ("alpha", "beta"):
         kwargs.setdefault(key, float(tuned[key]))
-    ckpt = checkpoint_lib.Checkpointer(str(wd), keep=cfg.train.keep_checkpoints,
-                                       async_save=False, read_only=True)
-    try:
-      step = ckpt.latest_step()
-      if step is None:
-        raise MissingFileError(f"{wd} has no checkpoint yet; train first")
-      mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),
-                               ("data", "fsdp", "tensor"))
-      program = program_lib.build(cfg, mesh, cfg.asr.units)
-      state = ckpt.restore_state(step, program.abstract_state)
-    finally:
-      ckpt.close()
+    step, state = checkpoint_lib.load_newest(
+        str(wd), lambda mesh: program_lib.build(cfg, mesh, cfg.asr.units).abstract_state)
     log.info("loaded speech tokenizer %s at step %d", wd, step)
     return cls(cfg, units, state["params"], state["vq"], **kwargs)
 

@@ -24,3 +24,11 @@ def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
   edits = sum(edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps))
   words = sum(len(r.split()) for r in refs)
   return edits / max(words, 1)
+
+
+def cer(refs: Sequence[str], hyps: Sequence[str]) -> float:
+  """Corpus character error rate: total character edits / total reference characters."""
+  if len(refs) != len(hyps):
+    raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
+  edits = sum(edit_distance(list(r), list(h)) for r, h in zip(refs, hyps))
+  return edits / max(sum(len(r) for r in refs), 1)

@@ -30,11 +30,12 @@ from typing import Any, TypeVar
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 from sptlm import paths
-from sptlm.errors import UserError
+from sptlm.errors import MissingFileError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +360,6 @@ class Checkpointer:
         self._quarantine(step, why)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
-      import numpy as np
       choice = int(multihost_utils.broadcast_one_to_all(np.int32(choice)))
     self.manager.reload()
     return None if choice < 0 else choice
@@ -404,3 +404,19 @@ class Checkpointer:
     log.warning("checkpoint %s is damaged (%s); moving it to %s and using the one before it",
                 src, why, dst)
     src.rename(dst)
+
+
+def load_newest(workdir: str, abstract_state: Callable[[jax.sharding.Mesh], Any]) -> tuple[int,
+                                                                                          Any]:
+  """(step, train state) of a run's newest checkpoint on one device, opened read-only (the run
+  may still be going); `abstract_state(mesh)` builds what to restore into."""
+  ckpt = Checkpointer(workdir, keep=2, async_save=False, read_only=True)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise MissingFileError(f"{workdir} has no checkpoint yet; train first")
+    one = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),
+                            ("data", "fsdp", "tensor"))
+    return step, ckpt.restore_state(step, abstract_state(one))
+  finally:
+    ckpt.close()

@@ -1,0 +1,219 @@
+"""The text-to-token model: units, packing, training (the real entry point), and synthesis:
+batched, KV-cached, no recompilation per batch, the same output whatever the batch, sharded
+over 8 devices exactly as on 1, bad input counted.
+
+Pairs here come from a known code for each character (two speech codes per letter), so a
+round trip (text -> t2t tokens -> that code read back -> text) measures what the model learned.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from sptlm.t2t import input as input_lib
+from sptlm.t2t import synthesize as synth_lib
+from sptlm.t2t import units as units_lib
+from sptlm.train import program as program_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "t2t_tiny.py")
+K = 64  # speech codes
+WORDS = ("the cat sat on a mat we go home now she sells sea shells by the shore a dog ran far "
+         "in the park my hat is red and blue you can see the big car it is time to eat").split()
+
+
+def _codes(text: str) -> np.ndarray:
+  """The speech codes of a text in the synthetic language: two per character."""
+  return np.array([c for ch in text for c in ((ord(ch) * 5) % K, (ord(ch) * 3 + 1) % K)],
+                  np.int32)
+
+
+def _read_back(codes: np.ndarray) -> str:
+  table = {((ord(ch) * 5) % K, (ord(ch) * 3 + 1) % K): ch for ch in units_lib.ALPHABET}
+  return "".join(table.get((int(a), int(b)), "?") for a, b in zip(codes[::2], codes[1::2]))
+
+
+def _sentences(n: int, seed: int) -> list[str]:
+  rng = np.random.default_rng(seed)
+  return [" ".join(rng.choice(WORDS, size=rng.integers(2, 5))) for _ in range(n)]
+
+
+def _cer(refs: list[str], hyps: list[str]) -> float:
+  def dist(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+      prev, row[0] = row[0], i
+      for j, cb in enumerate(b, 1):
+        prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+  return sum(dist(r, h) for r, h in zip(refs, hyps)) / sum(len(r) for r in refs)
+
+
+TINY = ["--config.model.num_layers=2", "--config.model.d_model=64", "--config.model.num_heads=2",
+        "--config.model.num_kv_heads=2", "--config.model.head_dim=32", "--config.model.d_ff=128",
+        f"--config.vocab.speech_size={K}", "--config.data.seq_len=128",
+        "--config.data.global_batch_size=8", "--config.data.max_text_units=40",
+        "--config.data.max_speech_tokens=80", "--config.train.warmup_steps=20",
+        "--config.train.learning_rate=0.01", "--config.train.min_learning_rate=0.001",
+        "--config.train.log_every=10", "--config.train.checkpoint_every=100",
+        "--config.mesh.data=1", "--config.synth.batch_size=8", "--config.synth.prompt_bucket=16",
+        "--config.synth.max_text_units=40", '--config.data.tokenizer=',
+        '--config.data.corpus=']
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> pathlib.Path:
+  root = tmp_path_factory.mktemp("t2t")
+  pairs = root / "pairs.jsonl"
+  lines = [json.dumps({"text": t, "tokens": _codes(t).tolist()}) for t in _sentences(600, 0)]
+  lines += ["not json", json.dumps({"text": "", "tokens": [1]}),
+            json.dumps({"text": "x", "tokens": [K + 5]})]
+  pairs.write_text("\n".join(lines) + "\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.run([sys.executable, "-m", "sptlm.cli", "t2t", "train", "--config", CONFIG,
+                         "--workdir", str(root / "run"), f"--config.data.pairs=('{pairs}',)",
+                         "--config.train.steps=300", *TINY], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "600 pairs (1 unreadable, 1 empty text, 1 out-of-range tokens skipped)" in proc.stdout
+  return root / "run"
+
+
+def test_units_spell_the_normalized_transcript():
+  enc = units_lib.encode("Héllo, World 42!")
+  assert enc.text == "h llo world" and units_lib.decode(enc.ids) == enc.text
+  assert enc.dropped == 3  # é, 4, 2
+  assert synth_lib.split_text("One two three. Four five six seven eight.", 12) == [
+      "one two", "three", "four five", "six seven", "eight"]
+
+
+def test_packed_rows_weigh_speech_and_end_of_audio_only_and_resume_exactly():
+  from data_pipelines.vocabulary import Vocabulary
+  vocab = Vocabulary(units_lib.size(), K)
+  texts = _sentences(40, 1)
+  seqs = [input_lib.example(units_lib.encode(t).ids, _codes(t), vocab) for t in texts]
+  lengths = [len(units_lib.encode(t).ids) for t in texts]
+  it = input_lib.PackedPairs(seqs, lengths, seq_len=96, global_batch=4, seed=3)
+  b = next(it)
+  weighted = b["targets"][b["weights"] > 0]
+  assert vocab.is_speech(weighted).sum() + (weighted == vocab.special_id(
+      "<|end_of_audio|>")).sum() == weighted.size
+  real = b["segment_ids"] > 0
+  assert (b["weights"][~real] == 0).all()
+  eoa = vocab.special_id("<|end_of_audio|>")
+  for r in range(4):  # per pair: every speech target and its <|end_of_audio|>, nothing else
+    for seg in set(b["segment_ids"][r][real[r]].tolist()):
+      m = b["segment_ids"][r] == seg
+      t, w = b["targets"][r][m], b["weights"][r][m]
+      if eoa not in t:  # the row's last pair may lose its final target to the row's end
+        continue
+      assert ((w > 0) == (vocab.is_speech(t) | (t == eoa))).all()
+  state = it.get_state()
+  want = [next(it) for _ in range(5)]
+  again = input_lib.PackedPairs(seqs, lengths, seq_len=96, global_batch=4, seed=3)
+  again.set_state(state)
+  for w in want:
+    g = next(again)
+    assert all((g[k] == w[k]).all() for k in w)
+
+
+def test_training_lowers_the_loss_and_the_round_trip_beats_an_untrained_model(trained):
+  rows = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+  assert rows[-1]["loss"] < rows[0]["loss"] - 1.5, (rows[0], rows[-1])
+  held_out = _sentences(24, 99)
+  t2t = synth_lib.T2T.load(str(trained))
+  got = t2t.synthesize(held_out)
+  trained_cer = _cer(held_out, [_read_back(c) for c in got])
+  ratio = sum(len(c) for c in got) / sum(len(_codes(t)) for t in held_out)
+  untrained = synth_lib.T2T(t2t.cfg, jax.tree.map(
+      lambda x: np.asarray(x), program_lib.build(t2t.cfg, _one_device_mesh()).init()["params"]),
+      t2t.tokenizer)
+  untrained_cer = _cer(held_out, [_read_back(c) for c in untrained.synthesize(held_out)])
+  assert trained_cer < 0.5 * untrained_cer and trained_cer < 0.5, (trained_cer, untrained_cer)
+  assert 0.7 < ratio < 1.3, ratio
+
+
+def _one_device_mesh() -> jax.sharding.Mesh:
+  return jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),
+                           ("data", "fsdp", "tensor"))
+
+
+def test_same_output_whatever_the_batch_and_no_recompilation_per_batch(trained):
+  from sptlm.model import decode
+  t2t = synth_lib.T2T.load(str(trained))
+  texts = _sentences(13, 7) + ["a", "the big red car is far from home now"]
+  before = decode._generate_jit._cache_size()
+  base = t2t.synthesize(texts, seed=5, temperature=0.8, top_p=0.9)
+  order = list(reversed(range(len(texts))))
+  shuffled = t2t.synthesize([texts[i] for i in order], seed=5, temperature=0.8, top_p=0.9,
+                            batch_size=8)
+  alone = [t2t.synthesize([t], seed=5, temperature=0.8, top_p=0.9, batch_size=8)[0]
+           for t in texts[:4]]
+  compiled = decode._generate_jit._cache_size() - before
+  assert all(len(b) > 0 for b in base)
+  for i, j in enumerate(order):
+    assert shuffled[i].shape == base[j].shape and (shuffled[i] == base[j]).all()
+  for a, b in zip(alone, base):
+    assert a.shape == b.shape and (a == b).all()
+  # widths 16 and 48 at batch 8, and 16 and 48 at batch 16: at most one program each
+  assert compiled <= 4, compiled
+  again = t2t.synthesize(_sentences(30, 8), seed=1)
+  assert decode._generate_jit._cache_size() - before <= 5 and len(again) == 30
+
+
+def test_eight_devices_give_the_one_device_output(trained):
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(8, 1, 1), ("data", "fsdp", "tensor"))
+  texts = _sentences(16, 11)
+  one = synth_lib.T2T.load(str(trained)).synthesize(texts, seed=2, temperature=0.7)
+  eight = synth_lib.T2T.load(str(trained), mesh=mesh).synthesize(texts, seed=2, temperature=0.7)
+  assert all(len(a) > 0 for a in one)
+  for a, b in zip(one, eight):
+    assert a.shape == b.shape and (a == b).all()
+
+
+def test_bad_input_is_counted_never_a_crash(trained, tmp_path):
+  t2t = synth_lib.T2T.load(str(trained))
+  long = " ".join(_sentences(12, 3)) + "."
+  out = t2t.synthesize(["", "   ", "1234", long, "the cat"])
+  assert [len(o) for o in out[:3]] == [0, 0, 0] and len(out[3]) > 0 and len(out[4]) > 0
+  c = t2t.summary.counts
+  assert c["empty texts"] == 2 and c["texts without a speakable character"] == 1
+  assert c["long texts split"] == 1 and c["characters without a unit (dropped)"] == 4
+  f = tmp_path / "in.txt"
+  f.write_bytes(b"the cat sat\n\xff\xfe bad bytes\n\nmy hat\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.run([sys.executable, "-m", "sptlm.cli", "t2t", "synthesize", "--workdir",
+                         str(trained), "--file", str(f)], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = [json.loads(x) for x in proc.stdout.splitlines()]
+  assert [r["text"] for r in rows] == ["the cat sat", "", "my hat"]
+  assert rows[1]["tokens"] == [] and len(rows[0]["tokens"]) > 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert "1 empty texts" in last and "1 lines not UTF-8 (skipped)" in last, last
+
+
+def test_a_tokenizer_other_than_the_trained_one_is_refused(trained):
+  class Other:  # what the check reads of a SpeechTokenizer: its codebook
+    vq_state = {"codebook": np.ones((K, 4), np.float32)}
+    codebook_size = K
+
+  ident = {"path": "runs/speech_a", "fingerprint": "0123456789abcdef", "codebook_size": K}
+  with pytest.raises(synth_lib.InputError, match="learned the codes of the speech tokenizer "
+                     "runs/speech_a"):
+    synth_lib.check_pairing(ident, Other(), str(trained))
+
+
+def test_the_config_file_loads_and_round_trips():
+  from sptlm.t2t import config as config_lib
+  cfg = config_lib.load(CONFIG)
+  assert cfg.vocab.text_size == units_lib.size() and cfg.kind == "t2t"
+  assert config_lib.from_json(config_lib.to_json(cfg)) == cfg
+  with pytest.raises(config_lib.ConfigError, match="data.seq_len=64 must hold the longest pair"):
+    config_lib.load(CONFIG, ["--config.data.seq_len=64"])
