@@ -151,8 +151,8 @@ def tpu(args: argparse.Namespace) -> dict:
   def spec(x, s):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
 
-  cache_shardings = jax.tree.map(lambda x: rows if x.ndim >= 1 and x.shape[0] == args.batch
-                                 else rep, cache)
+  layer_rows = NamedSharding(mesh, P(None, "data"))  # [layers, B, S, K, Dh]: rows split
+  cache_shardings = type(cache)(layer_rows, layer_rows, rows, rep)
   tok = jax.ShapeDtypeStruct((args.batch, 1), jnp.int32, sharding=rows)
   compiled = jax.jit(step, donate_argnums=1).lower(
       jax.tree.map(lambda x: spec(x, rep), state),
@@ -164,7 +164,8 @@ def tpu(args: argparse.Namespace) -> dict:
   cache_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(cache))
   chips = len(devices)
   read = param_bytes + cache_bytes / chips  # each chip reads all weights and its cache rows
-  hbm_bw = {"v5p": 2.765e12, "v4": 1.2e12, "v5e": 0.819e12, "v6e": 1.64e12}[topo.generation]
+  generation = topo.jax_name.split(":")[0]  # datasheet HBM bandwidth per chip, bytes/s
+  hbm_bw = {"v5p": 2.765e12, "v4": 1.2e12, "v5e": 0.819e12, "v6e": 1.64e12}[generation]
   out = {"topology": args.topology, "chips": chips, "batch": args.batch,
          "context": args.context, "params": sum(math.prod(x.shape)
                                                 for x in jax.tree.leaves(state)),

@@ -259,3 +259,45 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(corpus_dir, en
   assert "is damaged" in err and "resuming from checkpoint at step 3" in err
   assert (tmp_path / "run" / "corrupt_checkpoints" / "6").is_dir()
   assert [r["loss"] for r in _metrics(tmp_path / "run")] == [r["loss"] for r in before]
+
+
+def test_t2t_pairs_from_the_tokenizer_and_the_pairing_check(trained, corpus_dir, env, tmp_path):
+  """`sptlm t2t train` makes its TTS pairs with a real speech tokenizer (once: a rerun keeps
+  the shards), records it, and synthesis refuses another tokenizer."""
+  t2t = tmp_path / "t2t"
+  args = [*_entry_point(), "t2t", "train", "--config", str(ROOT / "configs" / "t2t_tiny.py"),
+          "--workdir", str(t2t), f"--config.data.tokenizer={trained}",
+          f"--config.data.corpus={corpus_dir}", "--config.vocab.speech_size=32",
+          "--config.model.num_layers=1", "--config.model.d_model=32",
+          "--config.model.num_heads=2", "--config.model.num_kv_heads=2",
+          "--config.model.head_dim=16", "--config.model.d_ff=64", "--config.data.seq_len=256",
+          "--config.data.max_text_units=80", "--config.data.max_speech_tokens=150",
+          "--config.data.global_batch_size=2", "--config.train.steps=2",
+          "--config.train.warmup_steps=1", "--config.mesh.data=1"]
+  proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  shards = sorted((t2t / "pairs").glob("*.jsonl"))
+  assert [s.name for s in shards] == ["test-00000.jsonl", "train-00000.jsonl"]
+  rows = [json.loads(x) for x in shards[1].read_text().splitlines()]
+  assert len(rows) == 8 and all(len(r["tokens"]) > 0 for r in rows)
+  ident = json.loads((t2t / "tokenizer.json").read_text())
+  assert ident["path"] == str(trained) and ident["codebook_size"] == 32
+  before = shards[1].stat().st_mtime_ns
+  proc = subprocess.run([*args, "--config.train.steps=3"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert shards[1].stat().st_mtime_ns == before  # not made again
+  ok = subprocess.run([*_entry_point(), "t2t", "synthesize", "--workdir", str(t2t), "--text",
+                       "the cat", "--tokenizer", str(trained)], cwd=ROOT, env=env,
+                      capture_output=True, text=True, timeout=600)
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  other = tmp_path / "other"
+  shutil.copytree(trained, other)
+  # another tokenizer: the same layout, other codes (one more training step moves them)
+  _run(["train", "--config", CONFIG, "--workdir", str(other), f"--config.data.corpus={corpus_dir}",
+        "--config.train.steps=41", *TINY], env)
+  bad = subprocess.run([*_entry_point(), "t2t", "synthesize", "--workdir", str(t2t), "--text",
+                        "the cat", "--tokenizer", str(other)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 1 and "learned the codes of the speech tokenizer" in bad.stderr
+  assert "Traceback" not in bad.stderr
