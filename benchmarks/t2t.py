@@ -4,6 +4,8 @@
   JAX_PLATFORMS=cpu .venv/bin/python benchmarks/t2t.py tpu --topology v5p-8
   JAX_PLATFORMS=cpu .venv/bin/python benchmarks/t2t.py quality --t2t runs/t2t_tiny \
       --tokenizer runs/speech_tiny --corpus runs/speech_corpus
+  JAX_PLATFORMS=cpu .venv/bin/python benchmarks/t2t.py batching --t2t runs/t2t_tiny \
+      --corpus runs/speech_corpus
 
 speed: the tiny t2t model (configs/t2t_tiny.py; trained weights from --workdir, else a random
 init: the cost per token does not depend on the weights) generates 256 speech tokens after a
@@ -17,6 +19,10 @@ cache; FLOPs: 2 x parameters per token) and the fraction of it reached.
 tpu: a 1B t2t model (lm_1b's shape, vocabulary 28 characters + 16,384 codes) decode step with
 its KV cache, compiled ahead of time for a TPU topology (libtpu, no TPU needed): memory per
 chip, and the tokens/s per chip that the HBM bandwidth allows at that batch.
+
+batching: the same held-out sentences synthesized (greedy) with static length-sorted batches
+and with continuous batching, at each --batches size: tokens/s after a first (compiling) call,
+and how many outputs are identical between the two.
 
 quality: held-out sentences (the corpus's test split: neither model trained on them) ->
 t2t tokens -> the tokenizer's transcribe -> WER and CER; the tokenizer's own WER on the real
@@ -151,8 +157,8 @@ def tpu(args: argparse.Namespace) -> dict:
   def spec(x, s):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
 
-  layer_rows = NamedSharding(mesh, P(None, "data"))  # [layers, B, S, K, Dh]: rows split
-  cache_shardings = type(cache)(layer_rows, layer_rows, rows, rep)
+  layers = len(cache.k)  # per layer [B, K, S, Dh]: rows split
+  cache_shardings = type(cache)((rows,) * layers, (rows,) * layers, rows, rep)
   tok = jax.ShapeDtypeStruct((args.batch, 1), jnp.int32, sharding=rows)
   compiled = jax.jit(step, donate_argnums=1).lower(
       jax.tree.map(lambda x: spec(x, rep), state),
@@ -206,6 +212,33 @@ def quality(args: argparse.Namespace) -> dict:
   return out
 
 
+def batching(args: argparse.Namespace) -> list[dict]:
+  """Static (length-sorted) batches vs continuous batching on the same real sentences."""
+  from sptlm.speech import corpus as corpus_lib
+  from sptlm.t2t.synthesize import T2T
+  t2t = T2T.load(args.t2t)
+  source = corpus_lib.open_source(args.corpus, cache_dir=pathlib.Path(args.t2t) / "cache",
+                                  splits=(args.split,))
+  texts = [u.text for u in source.utterances(args.split)][: args.limit or None]
+  rows = []
+  for batch in args.batches:
+    outs = {}
+    for mode in ("static", "continuous"):
+      t = time.perf_counter()
+      t2t.synthesize(texts, seed=0, batch_size=batch, batching=mode)  # compiles
+      first = time.perf_counter() - t
+      t = time.perf_counter()
+      outs[mode] = t2t.synthesize(texts, seed=0, batch_size=batch, batching=mode)
+      secs = time.perf_counter() - t
+      tokens = sum(map(len, outs[mode]))
+      rows.append({"batch": batch, "batching": mode, "texts": len(texts), "tokens": tokens,
+                   "seconds": secs, "first_call_seconds": first, "tokens_per_s": tokens / secs})
+      print(json.dumps(rows[-1]), flush=True)
+    same = sum(np.array_equal(a, b) for a, b in zip(outs["static"], outs["continuous"]))
+    print(json.dumps({"batch": batch, "identical_outputs": f"{same}/{len(texts)}"}), flush=True)
+  return rows
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest="what", required=True)
@@ -226,6 +259,13 @@ def main() -> None:
   q.add_argument("--split", default="test")
   q.add_argument("--limit", type=int, default=0)
   q.set_defaults(fn=quality)
+  q = sub.add_parser("batching")
+  q.add_argument("--t2t", required=True)
+  q.add_argument("--corpus", required=True)
+  q.add_argument("--split", default="test")
+  q.add_argument("--limit", type=int, default=0)
+  q.add_argument("--batches", type=int, nargs="+", default=[16, 64])
+  q.set_defaults(fn=batching)
   args = p.parse_args()
   args.fn(args)
 

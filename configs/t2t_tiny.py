@@ -29,9 +29,10 @@ def get_config():
   c.vocab = dict(text_size=28, speech_size=1024, text_tokenizer="")
   c.data = dict(tokenizer="runs/speech_tiny", corpus="runs/speech_corpus", pairs=(),
                 train_split="train", eval_split="test", seq_len=512, global_batch_size=8,
-                max_text_units=200, max_speech_tokens=300)
+                max_text_units=200, max_speech_tokens=300, text_units="characters")
   c.synth = dict(batch_size=16, temperature=0.0, top_p=1.0, max_tokens_per_unit=1.5,
-                 max_extra_tokens=16, prompt_bucket=32, max_text_units=200)
+                 max_extra_tokens=16, prompt_bucket=32, max_text_units=200,
+                 batching="static")
   c.model.tie_embeddings = True
   c.train.learning_rate = 2e-3
   c.train.min_learning_rate = 2e-4

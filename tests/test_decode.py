@@ -255,3 +255,38 @@ def test_bad_inputs_raise(llama: transformer.Transformer, kwargs: dict, match: s
 def test_prefill_rejects_prompt_longer_than_cache(llama: transformer.Transformer) -> None:
   with pytest.raises(ValueError, match="prompt length 4 exceeds max_len=3"):
     decode.prefill(llama, [[1, 2, 3, 4]], max_len=3)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_continuous_batching_gives_each_prompt_its_static_tokens(model, temperature):
+  """Fewer slots than prompts, mixed lengths and limits: every prompt's tokens are those that
+  `generate` gives it alone (same stream), whichever slot it took and whoever sat beside it."""
+  from sptlm.model import continuous
+  prompts = _rows([3, 9, 1, 17, 5, 12, 2, 7, 4], seed=11)
+  limits = [6, 2, 9, 4, 11, 1, 8, 3, 5]
+  seeds = [7 * i + 1 for i in range(len(prompts))]
+  rng = jax.random.PRNGKey(4)
+  stop = [5]
+  got = continuous.generate(model, prompts, slots=3, max_new_tokens=limits, rng=rng,
+                            temperature=temperature, top_p=0.95, stop_tokens=stop, pad_id=0,
+                            row_seeds=seeds, prompt_bucket=32, chunk_steps=4)
+  for p, limit, seed, tokens in zip(prompts, limits, seeds, got):
+    padded_1xP = np.zeros((1, 32), np.int32)  # one width for every reference: one compile
+    padded_1xP[0, :len(p)] = p
+    ref = decode.generate(model, padded_1xP, lengths=[len(p)], max_new_tokens=max(limits),
+                          rng=rng,
+                          temperature=temperature, top_p=0.95, stop_tokens=stop, pad_id=0,
+                          row_seeds=[seed], row_max_new_tokens=[limit])
+    want = np.asarray(ref.tokens)[0, :int(ref.lengths[0])]
+    np.testing.assert_array_equal(tokens, want)
+  assert got[5].shape == (1,)  # a limit of one token
+
+
+def test_continuous_batching_compiles_once_per_shape_bucket(llama):
+  from sptlm.model import continuous
+  before = continuous._steps._cache_size()
+  for n, lengths in ((5, [2, 3]), (9, [4, 1, 6])):
+    prompts = _rows([lengths[i % len(lengths)] for i in range(n)], seed=n)
+    continuous.generate(llama, prompts, slots=4, max_new_tokens=[3 + i % 5 for i in range(n)],
+                        rng=jax.random.PRNGKey(0), row_seeds=list(range(n)), prompt_bucket=32)
+  assert continuous._steps._cache_size() - before == 1

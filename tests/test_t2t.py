@@ -86,19 +86,43 @@ def trained(tmp_path_factory) -> pathlib.Path:
 
 
 def test_units_spell_the_normalized_transcript():
-  enc = units_lib.encode("Héllo, World 42!")
-  assert enc.text == "h llo world" and units_lib.decode(enc.ids) == enc.text
+  chars = units_lib.Characters()
+  enc = chars.encode("Héllo, World 42!")
+  assert enc.text == "h llo world" and chars.decode(enc.ids) == enc.text
   assert enc.dropped == 3  # é, 4, 2
+
+
+def test_sentencepiece_units_are_trained_once_kept_and_spell_the_text(tmp_path):
+  texts = _sentences(300, 3)
+  pieces = units_lib.train("sentencepiece:48", texts, str(tmp_path))
+  assert isinstance(pieces, units_lib.Pieces) and pieces.size() == 48
+  enc = pieces.encode("The big red car, 42!")
+  assert enc.text == "the big red car" and pieces.decode(enc.ids) == enc.text
+  assert len(enc.ids) < len(enc.text)  # pieces are longer than characters
+  stamp = (tmp_path / units_lib.MODEL_FILE).stat().st_mtime_ns
+  again = units_lib.train("sentencepiece:48", ["other text entirely"], str(tmp_path))
+  assert (tmp_path / units_lib.MODEL_FILE).stat().st_mtime_ns == stamp  # kept, not retrained
+  assert again.encode("the big red car").ids == enc.ids
+  assert units_lib.load("characters", str(tmp_path)).size() == 28
+  with pytest.raises(ValueError, match="sentencepiece:N"):
+    units_lib.parse("phonemes")
+  with pytest.raises(ValueError, match="missing"):
+    units_lib.load("sentencepiece:48", str(tmp_path / "elsewhere"))
+  assert enc.dropped == 2  # 4, 2
+
+
+def test_long_texts_split_at_sentences_then_spaces():
   assert synth_lib.split_text("One two three. Four five six seven eight.", 12) == [
       "one two", "three", "four five", "six seven", "eight"]
 
 
 def test_packed_rows_weigh_speech_and_end_of_audio_only_and_resume_exactly():
   from data_pipelines.vocabulary import Vocabulary
-  vocab = Vocabulary(units_lib.size(), K)
+  chars = units_lib.Characters()
+  vocab = Vocabulary(chars.size(), K)
   texts = _sentences(40, 1)
-  seqs = [input_lib.example(units_lib.encode(t).ids, _codes(t), vocab) for t in texts]
-  lengths = [len(units_lib.encode(t).ids) for t in texts]
+  seqs = [input_lib.example(chars.encode(t).ids, _codes(t), vocab) for t in texts]
+  lengths = [len(chars.encode(t).ids) for t in texts]
   it = input_lib.PackedPairs(seqs, lengths, seq_len=96, global_batch=4, seed=3)
   b = next(it)
   weighted = b["targets"][b["weights"] > 0]
@@ -175,6 +199,12 @@ def test_eight_devices_give_the_one_device_output(trained):
   assert all(len(a) > 0 for a in one)
   for a, b in zip(one, eight):
     assert a.shape == b.shape and (a == b).all()
+  # continuous batching, 8 slots split over the 8 devices: the same tokens again
+  flowing = synth_lib.T2T.load(str(trained), mesh=mesh).synthesize(
+      texts + ["a"], seed=2, temperature=0.7, batch_size=8, batching="continuous")
+  for a, b in zip(one, flowing):
+    assert a.shape == b.shape and (a == b).all()
+  assert len(flowing[-1]) > 0
 
 
 def test_bad_input_is_counted_never_a_crash(trained, tmp_path):
@@ -213,7 +243,14 @@ def test_a_tokenizer_other_than_the_trained_one_is_refused(trained):
 def test_the_config_file_loads_and_round_trips():
   from sptlm.t2t import config as config_lib
   cfg = config_lib.load(CONFIG)
-  assert cfg.vocab.text_size == units_lib.size() and cfg.kind == "t2t"
+  assert cfg.vocab.text_size == units_lib.Characters().size() and cfg.kind == "t2t"
   assert config_lib.from_json(config_lib.to_json(cfg)) == cfg
   with pytest.raises(config_lib.ConfigError, match="data.seq_len=64 must hold the longest pair"):
     config_lib.load(CONFIG, ["--config.data.seq_len=64"])
+  with pytest.raises(config_lib.ConfigError, match="data.text_units='phonemes'"):
+    config_lib.load(CONFIG, ["--config.data.text_units=phonemes"])
+  with pytest.raises(config_lib.ConfigError, match="synth.batching"):
+    config_lib.load(CONFIG, ["--config.synth.batching=dynamic"])
+  old = json.loads(config_lib.to_json(cfg))  # a config.json written before these keys existed
+  del old["data"]["text_units"], old["synth"]["batching"]
+  assert config_lib.from_json(json.dumps(old)) == cfg

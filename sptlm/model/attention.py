@@ -22,17 +22,21 @@ Backend = Callable[..., jax.Array]
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so a fully masked row stays finite
 
 
-def masked_attention(q_BxLxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Array,
-                     mask_BxLxS: jax.Array) -> jax.Array:
-  """Softmax attention with an explicit boolean mask; GQA without repeating K/V."""
+def masked_attention(q_BxLxHxDh: jax.Array, k: jax.Array, v: jax.Array, mask_BxLxS: jax.Array,
+                     *, heads_first: bool = False) -> jax.Array:
+  """Softmax attention with an explicit boolean mask; GQA without repeating K/V.
+
+  k and v are [B, S, K, Dh], or [B, K, S, Dh] with heads_first (the KV cache's layout, which
+  the dots then read without a transpose)."""
   b, l, h, dh = q_BxLxHxDh.shape
-  k_heads = k_BxSxKxDh.shape[2]
+  kv = "bksd" if heads_first else "bskd"
+  k_heads = k.shape[1 if heads_first else 2]
   q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, l, k_heads, h // k_heads, dh)
-  logits_BxKxGxLxS = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxDh, k_BxSxKxDh,
+  logits_BxKxGxLxS = jnp.einsum(f"blkgd,{kv}->bkgls", q_BxLxKxGxDh, k,
                                 preferred_element_type=jnp.float32) * dh ** -0.5
   logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS, _NEG)
-  probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v_BxSxKxDh.dtype)
-  out_BxLxKxGxDh = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxSxKxDh)
+  probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v.dtype)
+  out_BxLxKxGxDh = jnp.einsum(f"bkgls,{kv}->blkgd", probs, v)
   return out_BxLxKxGxDh.reshape(b, l, h, dh)
 
 

@@ -14,8 +14,9 @@ import typing
 import ml_collections
 
 from sptlm import config as config_lib
+from sptlm.t2t import units as units_lib
 from sptlm.config import (ConfigError, MeshConfig, ModelConfig, TrainConfig, VocabConfig,
-                          check_at_least, check_positive, validate_mesh, validate_train)
+                          check_at_least, check_choice, check_positive, validate_mesh, validate_train)
 
 KIND = "t2t"  # the `kind` key of every t2t config file
 
@@ -37,6 +38,8 @@ class T2TDataConfig:
   global_batch_size: int  # rows per step
   max_text_units: int  # longer transcripts are left out of training (counted)
   max_speech_tokens: int  # longer utterances are left out of training (counted)
+  # "characters" or "sentencepiece:N" (trained on the training transcripts); see units.py
+  text_units: str = "characters"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +49,15 @@ class SynthConfig:
   batch_size: int  # rows per decode call; batches are padded to it, so it never recompiles
   temperature: float  # 0: greedy
   top_p: float
-  # The most speech tokens a text may get: max_tokens_per_unit x its text units + max_extra.
+  # The most speech tokens a text may get: max_tokens_per_unit x its normalized characters
+  # + max_extra (characters whatever data.text_units is).
   max_tokens_per_unit: float
   max_extra_tokens: int
   prompt_bucket: int  # prompt widths are rounded up to a multiple of this (few compilations)
   max_text_units: int  # longer texts are split at sentence boundaries, synthesized, joined
+  # "static": length-sorted batches, each decoded until its longest row stops; "continuous": a
+  # stopped row's slot takes the next text at once (BENCHMARKS.md compares them).
+  batching: str = "static"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +108,10 @@ def validate(c: T2TConfig) -> None:
   if not d.pairs and not (d.tokenizer and d.corpus):
     raise ConfigError("data.pairs is empty: give pre-tokenized pairs, or data.tokenizer (a "
                       "speech tokenizer work directory) and data.corpus to make them")
+  try:
+    units_lib.parse(d.text_units)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   check_at_least("synth.batch_size", s.batch_size, 1)
   check_at_least("synth.temperature", s.temperature, 0.0)
   if not 0.0 < s.top_p <= 1.0:
@@ -109,6 +120,7 @@ def validate(c: T2TConfig) -> None:
   check_at_least("synth.max_extra_tokens", s.max_extra_tokens, 0)
   check_at_least("synth.prompt_bucket", s.prompt_bucket, 1)
   check_at_least("synth.max_text_units", s.max_text_units, 8)
+  check_choice("synth.batching", s.batching, ("static", "continuous"))
 
 
 def to_json(c: T2TConfig) -> str:

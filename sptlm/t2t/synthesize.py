@@ -7,7 +7,10 @@ rounded up to synth.prompt_bucket and padded rows fill the last batch, so the pr
 once per width bucket, never per batch. Each piece samples from its own stream (the seed
 folded with a hash of its text), so the output of a text does not depend on the batch size or
 on the order or company of the inputs. A piece stops at <|end_of_audio|> or at
-max_tokens_per_unit x its units + max_extra_tokens.
+max_tokens_per_unit x its characters + max_extra_tokens (characters whatever the units, so the
+limit means the same for every choice of units). With synth.batching = "continuous" the
+pieces go through sptlm.model.continuous instead: a piece that stops frees its row for the next
+(the same tokens; BENCHMARKS.md measures which is faster).
 """
 
 import collections
@@ -27,7 +30,8 @@ from flax import nnx
 
 from data_pipelines.vocabulary import Vocabulary
 from sptlm.errors import InputError, MissingFileError
-from sptlm.model import decode, transformer
+from sptlm.model import continuous, decode, transformer
+from sptlm.speech.corpus import normalize_text
 from sptlm.t2t import config as config_lib
 from sptlm.t2t import pairs as pairs_lib
 from sptlm.t2t import units as units_lib
@@ -54,7 +58,7 @@ def split_text(text: str, max_units: int) -> list[str]:
   """Pieces of at most `max_units` normalized characters: at sentence ends, else at spaces."""
   pieces: list[str] = []
   for sentence in re.split(r"(?<=[.!?;:])\s+", text.strip()):
-    words = units_lib.encode(sentence).text.split()
+    words = normalize_text(sentence).split()
     current = ""
     for w in words:
       w = w[:max_units]
@@ -72,8 +76,10 @@ class T2T:
   """A trained text-to-token model, ready to synthesize."""
 
   def __init__(self, cfg: config_lib.T2TConfig, params: Any, tokenizer: dict[str, Any],
-               mesh: jax.sharding.Mesh | None = None):
+               mesh: jax.sharding.Mesh | None = None,
+               units: units_lib.Units | None = None):
     self.cfg, self.tokenizer = cfg, tokenizer
+    self.units = units or units_lib.Characters()
     self.vocab = Vocabulary(cfg.vocab.text_size, cfg.vocab.speech_size)
     abstract = nnx.eval_shape(lambda: transformer.build(cfg.model, self.vocab.size, 0))
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
@@ -109,17 +115,24 @@ class T2T:
     step, state = checkpoint_lib.load_newest(
         str(wd), lambda mesh: program_lib.build(cfg, mesh).abstract_state)
     log.info("loaded t2t model %s at step %d", wd, step)
-    return cls(cfg, jax.device_get(state["params"]), ident, mesh)
+    return cls(cfg, jax.device_get(state["params"]), ident, mesh,
+               units_lib.load(cfg.data.text_units, str(wd)))
 
-  def max_tokens(self, units: int) -> int:
+  def max_tokens(self, chars: int) -> int:
+    """The most speech tokens a piece of `chars` normalized characters may get."""
     s = self.cfg.synth
-    return math.ceil(s.max_tokens_per_unit * units) + s.max_extra_tokens
+    return math.ceil(s.max_tokens_per_unit * chars) + s.max_extra_tokens
 
   def synthesize(self, texts: Sequence[str], *, seed: int = 0, temperature: float | None = None,
-                 top_p: float | None = None, batch_size: int | None = None) -> list[np.ndarray]:
+                 top_p: float | None = None, batch_size: int | None = None,
+                 batching: str | None = None) -> list[np.ndarray]:
     """Raw codebook indices (0..K-1) per text; an empty array for a text with nothing to say
-    (counted in self.summary, which `sptlm t2t synthesize` prints)."""
+    (counted in self.summary, which `sptlm t2t synthesize` prints). `batching` overrides
+    synth.batching ("static" or "continuous"; batch_size is then the number of slots)."""
     s = self.cfg.synth
+    batching = batching or s.batching
+    if batching not in ("static", "continuous"):
+      raise InputError(f"batching={batching!r}: use 'static' or 'continuous'")
     temperature = s.temperature if temperature is None else temperature
     top_p = s.top_p if top_p is None else top_p
     batch = batch_size or s.batch_size
@@ -129,13 +142,13 @@ class T2T:
       if not text or not text.strip():
         summary.counts["empty texts"] += 1
         continue
-      enc = units_lib.encode(text)
+      enc = self.units.encode(text)
       if enc.dropped:
         summary.counts["characters without a unit (dropped)"] += enc.dropped
       if not enc.ids:
         summary.counts["texts without a speakable character"] += 1
         continue
-      parts = split_text(text, s.max_text_units) if len(enc.ids) > s.max_text_units else [
+      parts = split_text(text, s.max_text_units) if len(enc.text) > s.max_text_units else [
           enc.text]
       if len(parts) > 1:
         summary.counts["long texts split"] += 1
@@ -144,6 +157,16 @@ class T2T:
     out_pieces: dict[int, list[np.ndarray]] = collections.defaultdict(list)
     order = sorted(range(len(pieces)), key=lambda j: (len(pieces[j][1]), j))
     results: dict[int, np.ndarray] = {}
+    if batching == "continuous" and order:
+      rows = continuous.generate(
+          self.model, [self._prompt(pieces[j][1]) for j in order], slots=batch,
+          max_new_tokens=[self._limit(pieces[j][1]) for j in order],
+          rng=jax.random.PRNGKey(seed), temperature=temperature, top_p=top_p,
+          stop_tokens=[self.eoa], pad_id=self.eoa,
+          row_seeds=[zlib.crc32(pieces[j][1].encode()) for j in order],
+          prompt_bucket=s.prompt_bucket, batch_sharding=self.batch_sharding)
+      results = {j: self._speech(row, summary) for j, row in zip(order, rows)}
+      order = []
     for start in range(0, len(order), batch):
       chunk = order[start:start + batch]
       for j, codes in zip(chunk, self._decode([pieces[j][1] for j in chunk], batch, seed,
@@ -161,8 +184,9 @@ class T2T:
               top_p: float, summary: Summary) -> list[np.ndarray]:
     """One generate call for up to `batch` pieces (padded with one-token rows)."""
     s = self.cfg.synth
-    ids = [units_lib.encode(p).ids + [self.boa] for p in pieces]
+    ids = [self._prompt(p) for p in pieces]
     width = -(-max(len(x) for x in ids) // s.prompt_bucket) * s.prompt_bucket
+    chars = -(-max(len(p) for p in pieces) // s.prompt_bucket) * s.prompt_bucket  # a bucket too
     prompts = np.zeros((batch, width), np.int32)
     lengths = np.ones((batch,), np.int32)
     prompts[:, 0] = self.boa
@@ -171,27 +195,33 @@ class T2T:
     for r, (p, x) in enumerate(zip(pieces, ids)):
       prompts[r, :len(x)] = x
       lengths[r] = len(x)
-      limits[r] = self.max_tokens(len(x) - 1) + 1  # + <|end_of_audio|>
+      limits[r] = self._limit(p)
       seeds[r] = zlib.crc32(p.encode())
     out = decode.generate(
-        self.model, prompts, lengths=lengths, max_new_tokens=self.max_tokens(width) + 1,
+        self.model, prompts, lengths=lengths, max_new_tokens=self._limit("x" * chars),
         rng=jax.random.PRNGKey(seed), temperature=temperature, top_p=top_p,
         stop_tokens=[self.eoa], pad_id=self.eoa, row_seeds=seeds, row_max_new_tokens=limits,
         batch_sharding=self.batch_sharding)
     tokens = np.asarray(jax.device_get(out.tokens))
     n = np.asarray(jax.device_get(out.lengths))
-    result = []
-    for r in range(len(pieces)):
-      row = tokens[r, :n[r]]
-      if row.size and row[-1] == self.eoa:
-        row = row[:-1]
-      else:
-        summary.counts["pieces cut at the length limit"] += 1
-      speech = self.vocab.is_speech(row)
-      if not speech.all():
-        summary.counts["non-speech tokens dropped"] += int((~speech).sum())
-      result.append(self.vocab.speech_code(row[speech]))
-    return result
+    return [self._speech(tokens[r, :n[r]], summary) for r in range(len(pieces))]
+
+  def _prompt(self, piece: str) -> list[int]:
+    return self.units.encode(piece).ids + [self.boa]
+
+  def _limit(self, piece: str) -> int:
+    return self.max_tokens(len(piece)) + 1  # + <|end_of_audio|>; piece is normalized text
+
+  def _speech(self, row: np.ndarray, summary: Summary) -> np.ndarray:
+    """A generated row -> codebook indices: the end-of-speech cut off, anything else counted."""
+    if row.size and row[-1] == self.eoa:
+      row = row[:-1]
+    else:
+      summary.counts["pieces cut at the length limit"] += 1
+    speech = self.vocab.is_speech(row)
+    if not speech.all():
+      summary.counts["non-speech tokens dropped"] += int((~speech).sum())
+    return self.vocab.speech_code(row[speech])
 
 
 def check_pairing(ident: dict[str, Any], tokenizer: Any, where: str) -> None:

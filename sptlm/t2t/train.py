@@ -67,12 +67,13 @@ def pair_files(cfg: T2TConfig, workdir: str, split: str) -> tuple[list[pathlib.P
   return pairs_lib.files([str(out)], split), ident
 
 
-def sequences(cfg: T2TConfig, pairs: pairs_lib.Pairs, vocab) -> tuple[list, list, dict]:
+def sequences(cfg: T2TConfig, pairs: pairs_lib.Pairs, vocab,
+              units: units_lib.Units) -> tuple[list, list, dict]:
   """Training sequences and their text lengths; pairs over the length limits are counted."""
   seqs, text_lengths = [], []
   skipped = {"text too long": 0, "speech too long": 0, "no text units": 0}
   for text, codes in zip(pairs.texts, pairs.tokens):
-    enc = units_lib.encode(text)
+    enc = units.encode(text)
     if not enc.ids:
       skipped["no text units"] += 1
     elif len(enc.ids) > cfg.data.max_text_units:
@@ -90,9 +91,11 @@ def train(cfg: T2TConfig, workdir: str) -> dict[str, Any]:
   loop.check_workdir(workdir)
   cfg = dataclasses.replace(cfg, train=loop.planned_steps(cfg.train, workdir))
   tcfg, dcfg = cfg.train, cfg.data
-  if cfg.vocab.text_size != units_lib.size():
+  units_lib.parse(cfg.data.text_units)
+  n_units = units_lib.parse(cfg.data.text_units) or units_lib.Characters().size()
+  if cfg.vocab.text_size != n_units:
     raise config_lib.ConfigError(f"vocab.text_size={cfg.vocab.text_size}: the t2t text units "
-                                 f"are {units_lib.size()} characters; set it to that")
+                                 f"({cfg.data.text_units}) number {n_units}; set it to that")
   config_json = config_lib.to_json(cfg)
 
   # ---- Pairs -------------------------------------------------------------------------------
@@ -113,7 +116,13 @@ def train(cfg: T2TConfig, workdir: str) -> dict[str, Any]:
 
   # ---- Input -------------------------------------------------------------------------------
   vocab = program_lib.vocabulary(cfg)
-  seqs, text_lengths, skipped = sequences(cfg, pairs, vocab)
+  if jax.process_index() == 0:
+    units_lib.train(cfg.data.text_units, pairs.texts, workdir)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("t2t text units")
+  units = units_lib.load(cfg.data.text_units, workdir)
+  seqs, text_lengths, skipped = sequences(cfg, pairs, vocab, units)
   data_iter = input_lib.PackedPairs(seqs, text_lengths, seq_len=dcfg.seq_len,
                                     global_batch=dcfg.global_batch_size, seed=tcfg.seed,
                                     process_index=jax.process_index(),
