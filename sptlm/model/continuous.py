@@ -111,27 +111,26 @@ def _steps(graphdef: nnx.GraphDef, state: nnx.State, slots: _Slots, want_free: j
            chunk_steps: int) -> _Slots:
   """Decodes every live row until `want_free` slots are stopped or empty, or chunk_steps pass."""
   del pad_id  # (one argument list for both jitted calls)
-  model = nnx.merge(graphdef, state)
   b = slots.done_B.shape[0]
 
-  def body(carry: tuple[jax.Array, _Slots]) -> tuple[jax.Array, _Slots]:
-    i, slots = carry
+  def body(carry: tuple[jax.Array, _Slots, nnx.State]) -> tuple[jax.Array, _Slots, nnx.State]:
+    i, slots, state = carry  # the weights ride in the carry (see decode._Loop.state)
     position_B = slots.position_B
-    logits_Bx1xV, cache = model.decode(slots.last_B[:, None], position_B[:, None],
-                                       jnp.ones((b, 1), jnp.int32), slots.cache)
+    logits_Bx1xV, cache = nnx.merge(graphdef, state).decode(
+        slots.last_B[:, None], position_B[:, None], jnp.ones((b, 1), jnp.int32), slots.cache)
     live_B = ~slots.done_B
     token_B = _draw(logits_Bx1xV[:, 0], slots.key_B, slots.count_B, temperature, top_p)
     # an idle row's slot index stays put, so it never runs past the cache
     cache = cache._replace(index=jnp.where(live_B, cache.index, slots.cache.index))
     slots = slots._replace(cache=cache, position_B=position_B + live_B.astype(jnp.int32))
-    return i + 1, _record(slots, token_B, live_B, stop_S)
+    return i + 1, _record(slots, token_B, live_B, stop_S), state
 
-  def cond(carry: tuple[jax.Array, _Slots]) -> jax.Array:
-    i, slots = carry
+  def cond(carry: tuple[jax.Array, _Slots, nnx.State]) -> jax.Array:
+    i, slots, _ = carry
     stopped = jnp.sum(slots.done_B.astype(jnp.int32))
     return (i < chunk_steps) & (stopped < want_free) & ~jnp.all(slots.done_B)
 
-  return jax.lax.while_loop(cond, body, (jnp.int32(0), slots))[1]
+  return jax.lax.while_loop(cond, body, (jnp.int32(0), slots, state))[1]
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, slots: int,

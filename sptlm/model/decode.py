@@ -172,6 +172,9 @@ class _Loop(NamedTuple):
   lengths_B: jax.Array
   cache: KVCache
   rng: jax.Array
+  # The model's arrays ride in the carry: closed over, XLA CPU re-slices the stacked layer
+  # weights every step (a decode step at batch 1 took 2.4 ms instead of 1.6).
+  state: nnx.State
 
 
 @functools.partial(jax.jit, static_argnames=("max_len", "max_new_tokens", "per_row"))
@@ -215,8 +218,8 @@ def _generate_jit(graphdef: nnx.GraphDef, state: nnx.State, tokens_BxP: jax.Arra
 
   def body(loop: _Loop) -> _Loop:
     positions_Bx1 = (start_B + loop.step - 1)[:, None]
-    logits_Bx1xV, cache = model.decode(loop.last_B[:, None], positions_Bx1,
-                                       jnp.ones((b, 1), jnp.int32), loop.cache)
+    logits_Bx1xV, cache = nnx.merge(graphdef, loop.state).decode(
+        loop.last_B[:, None], positions_Bx1, jnp.ones((b, 1), jnp.int32), loop.cache)
     return emit(loop._replace(cache=cache), logits_Bx1xV[:, 0])
 
   def cond(loop: _Loop) -> jax.Array:
@@ -231,6 +234,7 @@ def _generate_jit(graphdef: nnx.GraphDef, state: nnx.State, tokens_BxP: jax.Arra
       lengths_B=jnp.zeros((b,), jnp.int32),
       cache=cache,
       rng=rng,
+      state=state,
   )
   loop = jax.lax.while_loop(cond, body, emit(loop, logits_BxV))
   return GenerateOutput(tokens=loop.tokens_BxT, lengths=loop.lengths_B,
