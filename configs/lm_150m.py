@@ -1,6 +1,9 @@
 """~150M speech-text LM (12 layers, d 768) with the full 16,384-token speech vocabulary.
 
-  sptlm train --config configs/lm_150m.py --workdir gs://BUCKET/runs/lm_150m
+  python -m data_pipelines.train_sentencepiece --corpus CORPUS.txt --vocab-size 32000 \
+      --out runs/sp32k     # the 32,000-piece text tokenizer, trained on your corpus
+  sptlm train --config configs/lm_150m.py --workdir gs://BUCKET/runs/lm_150m \
+      --config.data.corpus=CORPUS.txt
 """
 
 import pathlib
@@ -20,4 +23,5 @@ def get_config():
   c.name = "lm_150m"
   c.train.learning_rate = 6e-4
   c.train.min_learning_rate = 6e-5
+  c.vocab.text_tokenizer = "runs/sp32k.model"  # 32,000 ids = vocab.text_size (checked)
   return c

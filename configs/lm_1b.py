@@ -1,6 +1,9 @@
 """~1B speech-text LM (16 layers, d 2048, GQA 16/8) with the 16,384-token speech vocabulary.
 
-  sptlm train --config configs/lm_1b.py --workdir gs://BUCKET/runs/lm_1b
+  python -m data_pipelines.train_sentencepiece --corpus CORPUS.txt --vocab-size 32000 \
+      --out runs/sp32k     # the 32,000-piece text tokenizer, trained on your corpus
+  sptlm train --config configs/lm_1b.py --workdir gs://BUCKET/runs/lm_1b \
+      --config.data.corpus=CORPUS.txt
 """
 
 import pathlib
@@ -20,4 +23,5 @@ def get_config():
   c.name = "lm_1b"
   c.train.learning_rate = 3e-4
   c.train.min_learning_rate = 3e-5
+  c.vocab.text_tokenizer = "runs/sp32k.model"  # 32,000 ids = vocab.text_size (checked)
   return c

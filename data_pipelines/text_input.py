@@ -12,8 +12,9 @@ import pathlib
 
 import grain
 import numpy as np
-import sentencepiece as spm
 
+from data_pipelines import text_tokenizer as text_tokenizer_lib
+from data_pipelines.text_tokenizer import TextTokenizer
 from sptlm.errors import InputError, MissingFileError
 
 FIELDS = ("inputs", "targets", "weights")
@@ -42,22 +43,21 @@ def read_documents(path: pathlib.Path) -> tuple[list[str], int]:
   return docs, len(blocks) - len(docs)
 
 
-def load_tokenizer(path: pathlib.Path, text_size: int) -> spm.SentencePieceProcessor:
-  if not path.is_file():
-    raise MissingFileError(f"text tokenizer not found: {path} (set vocab.text_tokenizer)")
-  sp = spm.SentencePieceProcessor(model_file=str(path))
-  if sp.vocab_size() > text_size:
-    raise InputError(f"text tokenizer {path} has {sp.vocab_size()} pieces but vocab.text_size "
-                     f"is {text_size}; raise vocab.text_size")
-  return sp
+def load_tokenizer(path: pathlib.Path, text_size: int) -> TextTokenizer:
+  """The text tokenizer, refused (one line) unless vocab.text_size is its size up to padding."""
+  tok = text_tokenizer_lib.load(str(path))
+  text_tokenizer_lib.check_size(tok, text_size)
+  return tok
 
 
-def make_examples(docs: list[str], sp: spm.SentencePieceProcessor,
+def make_examples(docs: list[str], tok: TextTokenizer,
                   seq_len: int) -> list[dict[str, np.ndarray]]:
-  """Each document + EOS, cut into pieces of at most seq_len + 1 tokens, shifted by one."""
+  """Each document + EOS (when the tokenizer has one), cut into pieces of at most seq_len + 1
+  tokens, shifted by one."""
   examples = []
-  for ids in sp.encode(docs):
-    ids = np.asarray(ids + [sp.eos_id()], np.int32)
+  eos = [] if tok.eos_id() is None else [tok.eos_id()]
+  for doc in docs:
+    ids = np.asarray(tok.encode(doc) + eos, np.int32)
     for start in range(0, len(ids) - 1, seq_len):
       piece = ids[start:start + seq_len + 1]
       if len(piece) < 2:
@@ -131,11 +131,11 @@ def corpus_batches(corpus: pathlib.Path, tokenizer: pathlib.Path, *, text_size: 
   if num_shards % process_count or global_batch % num_shards:
     raise InputError(f"data.num_shards={num_shards} must be a multiple of the {process_count} "
                      f"processes and divide data.global_batch_size={global_batch}")
+  tok = load_tokenizer(tokenizer, text_size)  # first: a wrong tokenizer is the bigger mistake
   docs, skipped = read_documents(corpus)
   if not docs:
     raise InputError(f"corpus {corpus} has no non-empty documents")
-  sp = load_tokenizer(tokenizer, text_size)
-  examples = make_examples(docs, sp, seq_len)
+  examples = make_examples(docs, tok, seq_len)
   if len(examples) < num_shards:
     raise InputError(f"corpus {corpus} gives {len(examples)} examples, fewer than "
                      f"data.num_shards={num_shards}")

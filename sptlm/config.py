@@ -69,7 +69,9 @@ class VocabConfig:
 
   text_size: int
   speech_size: int
-  text_tokenizer: str  # SentencePiece model path (relative paths: from the sptlm checkout)
+  # A SentencePiece .model file or a Hugging Face tokenizer folder (tokenizer.json); relative
+  # paths are from the sptlm checkout. Its size must be text_size up to padding.
+  text_tokenizer: str
 
 
 @dataclasses.dataclass(frozen=True)

@@ -127,3 +127,23 @@ def test_missing_text_input_files_are_user_errors(tmp_path: pathlib.Path) -> Non
   (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
   with pytest.raises(errors.InputError, match="latin1.txt is not UTF-8"):
     text_input.read_documents(tmp_path / "latin1.txt")
+
+
+def test_the_9b_config_refuses_a_tokenizer_that_is_not_its_own(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
+  """GLM-4's 151,552-row text table fed 1,024 SentencePiece ids: refused in one line, before a
+  parameter is made (the model would never see most of its rows)."""
+  workdir = tmp_path / "run"
+  nine = str(pathlib.Path(TINY).parent / "glm4_9b.py")
+  argv = ["train", "--config", nine, "--workdir", str(workdir), "--config.mesh.data=-1",
+          "--config.mesh.fsdp=1", "--config.mesh.tensor=1",
+          "--config.vocab.text_tokenizer=data_pipelines/assets/tiny_sp1024.model",
+          "--config.data.corpus=data_pipelines/assets/tinyshakespeare.txt"]
+  assert cli.main(argv) == 1
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and "has 1,024 ids but vocab.text_size is 151,552" in err[0], err
+  assert not (workdir / "checkpoints").exists() and not (workdir / "config.json").exists()
+  assert cli.main(argv[:-2]) == 1  # the config's own placeholder path: named, one line
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and "text tokenizer not found: " in err[0], err
+  assert "checkpoints/glm-4-9b" in err[0]

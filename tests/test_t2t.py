@@ -254,3 +254,67 @@ def test_the_config_file_loads_and_round_trips():
   old = json.loads(config_lib.to_json(cfg))  # a config.json written before these keys existed
   del old["data"]["text_units"], old["synth"]["batching"]
   assert config_lib.from_json(json.dumps(old)) == cfg
+
+
+def test_interleaved_task_speaks_its_spans_with_the_text_to_token_model(trained, tmp_path):
+  """The data pipeline's interleaved seqio task on the real t2t model: every speech span reads
+  back (through the synthetic language) as the text it replaced."""
+  seqio = pytest.importorskip("seqio")
+  from data_pipelines import interleave as il
+  from data_pipelines import tasks
+  from data_pipelines import text_tokenizer as tt
+  from data_pipelines.seqio_vocab import SpeechTextVocabulary
+  from data_pipelines.vocabulary import Vocabulary
+  tok = tt.load(str(ROOT / "data_pipelines" / "assets" / "tiny_sp1024.model"))
+  vocab = SpeechTextVocabulary(tok, Vocabulary(1024, K))
+  docs = [". ".join(_sentences(6, 500 + i)) + "." for i in range(8)]
+  (tmp_path / "docs.txt").write_text("\n\n".join(docs))
+  t2t = synth_lib.T2T.load(str(trained))
+  inter = il.Interleaver(tok, vocab.layout, t2t.synthesize, seed=0)
+  task = tasks.interleaved_task("t2t_interleaved", [str(tmp_path / "docs.txt")], vocab, inter,
+                                batch=4)
+  rows = list(task.get_dataset({"targets": 2048}, split="train", shuffle=False)
+              .as_numpy_iterator())
+  seqio.TaskRegistry.remove("t2t_interleaved")
+  direct = il.Interleaver(tok, vocab.layout, t2t.synthesize, seed=0)(docs)
+  refs, hyps = [], []
+  for row, ex in zip(rows, direct):
+    assert (row["targets"][:-1] == ex.ids).all()
+    for start, end, text in ex.spans:
+      refs.append(units_lib.Characters().encode(text).text)
+      hyps.append(_read_back(vocab.layout.speech_code(ex.ids[start + 1:end - 1])))
+  assert len(rows) == 8 and len(refs) >= 8
+  assert _cer(refs, hyps) < 0.5, list(zip(refs, hyps))[:5]
+
+
+def test_data_inspect_prints_spans_and_interleaving_statistics(trained, tmp_path, capsys):
+  pytest.importorskip("seqio")
+  from sptlm import cli
+  docs = tmp_path / "docs.txt"
+  docs.write_text("\n\n".join(". ".join(_sentences(20, 900 + i)) for i in range(30)))
+  config = tmp_path / "data.py"
+  config.write_text(f'''
+import ml_collections
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.name = "data_test"
+  c.kind = "data"
+  c.vocab = dict(text_tokenizer="data_pipelines/assets/tiny_sp1024.model", text_size=1024,
+                 speech_size={K})
+  c.interleave = dict(lam=10.0, eta=0.3, seed=0, t2t="{trained}", batch=8)
+  c.tasks = {{"plain": dict(kind="text", files=("{docs}",), rate=1.0),
+             "mixed": dict(kind="interleaved", files=("{docs}",), rate=3.0)}}
+  return c
+''')
+  assert cli.main(["data", "inspect", "--config", str(config), "--n", "2"]) == 0
+  out = capsys.readouterr().out
+  assert "== task mixed (interleaved, rate 3: 75.0% of examples) ==" in out
+  assert "== task plain (text, rate 1: 25.0% of examples) ==" in out
+  assert out.count("[audio: ") >= 2 and "documents: 30" in out
+  share = float(out.split("spoken: ")[1].split("%")[0])
+  assert 30.0 <= share < 32.0, share  # eta = 0.3 of the LM tokens, rounded up per document
+  mean = float(out.split("span length (LM tokens): mean ")[1].split(" ")[0])
+  assert 7.0 < mean < 10.5, mean  # lambda 10, less the cut last span of each document
+  assert cli.main(["data", "inspect", "--config", str(config),
+                   "--config.interleave.eta=1.5"]) == 1
+  assert "interleave.eta=1.5 must be in (0, 1)" in capsys.readouterr().err

@@ -1,0 +1,93 @@
+"""seqio: the speech-text vocabulary, text and interleaved tasks, and a mixture's shares."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+seqio = pytest.importorskip("seqio")
+
+from data_pipelines import interleave as il  # noqa: E402
+from data_pipelines import tasks  # noqa: E402
+from data_pipelines import text_tokenizer as tt  # noqa: E402
+from data_pipelines.seqio_vocab import SpeechTextVocabulary  # noqa: E402
+from data_pipelines.vocabulary import Vocabulary  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SP = str(ROOT / "data_pipelines" / "assets" / "tiny_sp1024.model")
+CORPUS = str(ROOT / "data_pipelines" / "assets" / "tinyshakespeare.txt")
+K = 64
+
+
+def _speak(texts: list[str]) -> list[np.ndarray]:
+  """A stand-in voice for the task plumbing (test_t2t runs the real text-to-token model)."""
+  return [np.array([ord(c) - ord("a") for c in t.lower() if "a" <= c <= "z"], np.int32)
+          for t in texts]
+
+
+@pytest.fixture(scope="module")
+def vocab() -> SpeechTextVocabulary:
+  return SpeechTextVocabulary(tt.load(SP), Vocabulary(1024, K))
+
+
+def test_the_vocabulary_maps_markers_and_text_both_ways(vocab):
+  layout = vocab.layout
+  ids = vocab.encode("the cat <|begin_of_audio|><|audio_12|><|audio_63|><|end_of_audio|> sat")
+  boa, eoa = layout.special_id("<|begin_of_audio|>"), layout.special_id("<|end_of_audio|>")
+  i = ids.index(boa)
+  assert ids[i:i + 4] == [boa, layout.speech_start + 12, layout.speech_start + 63, eoa]
+  assert vocab.decode(ids) == ("the cat<|begin_of_audio|><|audio_12|><|audio_63|>"
+                               "<|end_of_audio|>sat")
+  assert vocab.readable(ids, ["meow"]) == 'the cat [audio: 2 tokens "meow"] sat'
+  mask_t, mask_s = vocab.text_mask(np.array(ids)), vocab.speech_mask(np.array(ids))
+  assert mask_s.sum() == 2 and mask_t.sum() == len(ids) - 4
+  assert vocab.vocab_size == layout.size and vocab.pad_id == layout.special_id("<|pad|>")
+  assert vocab.eos_id == 3  # the SentencePiece model's own
+  assert vocab.encode("<|unknown_tag|>") == vocab.tokenizer.encode("<|unknown_tag|>")
+  with pytest.raises(ValueError, match="speech code 64 is outside the codebook"):
+    vocab.encode("<|audio_64|>")
+  tf_ids = vocab.encode_tf(np.array("a <|audio_5|>".encode()))
+  assert list(tf_ids.numpy()) == vocab.encode("a <|audio_5|>")
+  assert vocab.decode_tf(tf_ids[None]).numpy()[0].decode() == vocab.decode(list(tf_ids.numpy()))
+
+
+def test_text_and_interleaved_tasks_give_targets_through_seqio(vocab, tmp_path):
+  jsonl = tmp_path / "docs.jsonl"
+  docs = [d for d in tasks.read_documents([CORPUS]) if len(d) > 300][:6]
+  jsonl.write_text("\n".join([json.dumps({"text": d}) for d in docs] + ["not json", "{}"]))
+  tasks.SOURCE_COUNTS.clear()
+  text = tasks.text_task("test_text", [str(jsonl), str(tmp_path / "missing.txt")], vocab)
+  got = list(text.get_dataset({"targets": 4096}, split="train", shuffle=False).as_numpy_iterator())
+  assert len(got) == 6
+  assert got[0]["targets"][-1] == vocab.eos_id
+  assert list(got[0]["targets"][:-1]) == vocab.tokenizer.encode(docs[0])
+  assert tasks.SOURCE_COUNTS == {"unreadable lines": 2, "missing files": 1}
+
+  inter = il.Interleaver(vocab.tokenizer, vocab.layout, _speak, seed=1)
+  task = tasks.interleaved_task("test_interleaved", [str(jsonl)], vocab, inter, batch=4)
+  rows = list(task.get_dataset({"targets": 4096}, split="train",
+                               shuffle=False).as_numpy_iterator())
+  direct = il.Interleaver(vocab.tokenizer, vocab.layout, _speak, seed=1)(docs)
+  assert len(rows) == 6
+  for row, ex in zip(rows, direct):  # the task is the interleaver, in batches of 4
+    assert (row["targets"][:-1] == ex.ids).all() and row["targets"][-1] == vocab.eos_id
+    assert vocab.speech_mask(row["targets"]).any()
+  seqio.TaskRegistry.remove("test_text")
+  seqio.TaskRegistry.remove("test_interleaved")
+
+
+def test_a_mixture_samples_its_tasks_at_their_rates(vocab):
+  """Text 3 : interleaved 1; an interleaved example is the one that has speech in it."""
+  tasks.text_task("mix_text", [CORPUS], vocab)
+  inter = il.Interleaver(vocab.tokenizer, vocab.layout, _speak, seed=0)
+  tasks.interleaved_task("mix_speech", [CORPUS], vocab, inter, batch=64)
+  mix = seqio.MixtureRegistry.add("mix_test", [("mix_text", 3.0), ("mix_speech", 1.0)])
+  ds = mix.get_dataset({"targets": 256}, split="train", shuffle=False, seed=0)
+  n = 1500
+  speech = sum(bool(vocab.speech_mask(ex["targets"]).any())
+               for ex in ds.take(n).as_numpy_iterator())
+  assert abs(speech / n - 0.25) < 0.04, speech / n  # binomial sd 0.011
+  seqio.MixtureRegistry.remove("mix_test")
+  for name in ("mix_text", "mix_speech"):
+    seqio.TaskRegistry.remove(name)
