@@ -91,3 +91,40 @@ def test_a_mixture_samples_its_tasks_at_their_rates(vocab):
   seqio.MixtureRegistry.remove("mix_test")
   for name in ("mix_text", "mix_speech"):
     seqio.TaskRegistry.remove(name)
+
+
+def test_speech_asr_and_tts_tasks_lay_out_records_and_weigh_the_target_part(vocab, tmp_path):
+  layout = vocab.layout
+  boa, eoa = layout.special_id("<|begin_of_audio|>"), layout.special_id("<|end_of_audio|>")
+  records = tmp_path / "pairs.jsonl"
+  records.write_text("\n".join([
+      json.dumps({"text": "good night", "tokens": [3, 1, 4]}),
+      json.dumps({"audio": "a.wav", "seconds": 0.2, "tokens": [5, 9]}),  # no text
+      json.dumps({"text": "out of range", "tokens": [2, K]}),
+      json.dumps({"text": "nothing said", "tokens": []}),
+      "{broken",
+  ]))
+  words = vocab.tokenizer.encode("good night")
+  s = lambda codes: [layout.speech_start + c for c in codes]  # noqa: E731
+  tasks.SOURCE_COUNTS.clear()
+  got = {}
+  for kind, make in (("speech", tasks.speech_task), ("asr", tasks.asr_task),
+                     ("tts", tasks.tts_task)):
+    task = make(f"test_{kind}", [str(records)], vocab)
+    got[kind] = list(task.get_dataset({"targets": 64, "weights": 64}, split="train",
+                                      shuffle=False).as_numpy_iterator())
+    seqio.TaskRegistry.remove(f"test_{kind}")
+  speech = got["speech"]
+  assert [list(x["targets"]) for x in speech] == [
+      [boa, *s([3, 1, 4]), eoa, vocab.eos_id], [boa, *s([5, 9]), eoa, vocab.eos_id]]
+  assert all((x["weights"] == 1).all() for x in speech)
+  (asr,) = got["asr"]  # the record without text is not a pair: counted, skipped
+  assert list(asr["targets"]) == [boa, *s([3, 1, 4]), eoa, *words, vocab.eos_id]
+  assert list(asr["weights"]) == [0] * 5 + [1] * (len(words) + 1)
+  (tts,) = got["tts"]
+  assert list(tts["targets"]) == [*words, boa, *s([3, 1, 4]), eoa]
+  assert list(tts["weights"]) == [0] * (len(words) + 1) + [1] * 4
+  assert tasks.SOURCE_COUNTS["records with speech codes outside the codebook"] == 3
+  assert tasks.SOURCE_COUNTS["records without speech tokens"] == 3
+  assert tasks.SOURCE_COUNTS["unreadable lines"] == 3
+  assert tasks.SOURCE_COUNTS["records with an empty text"] == 2  # asr and tts
