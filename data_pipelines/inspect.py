@@ -19,6 +19,7 @@ from data_pipelines import text_tokenizer as text_tokenizer_lib
 from data_pipelines.config import DataPipelineConfig
 from data_pipelines.seqio_vocab import SpeechTextVocabulary
 from data_pipelines.vocabulary import Vocabulary
+from sptlm.errors import InputError
 
 
 def vocabulary(cfg: DataPipelineConfig) -> SpeechTextVocabulary:
@@ -34,7 +35,7 @@ def interleaver(cfg: DataPipelineConfig, vocab: SpeechTextVocabulary,
     from sptlm.t2t.synthesize import T2T
     t2t = T2T.load(cfg.interleave.t2t)
   if t2t.cfg.vocab.speech_size != cfg.vocab.speech_size:
-    raise ValueError(f"interleave.t2t {cfg.interleave.t2t} makes {t2t.cfg.vocab.speech_size} "
+    raise InputError(f"interleave.t2t {cfg.interleave.t2t} makes {t2t.cfg.vocab.speech_size} "
                      f"speech codes but vocab.speech_size is {cfg.vocab.speech_size}")
   i = cfg.interleave
   return interleave_lib.Interleaver(vocab.tokenizer, vocab.layout, t2t.synthesize,

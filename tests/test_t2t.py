@@ -318,3 +318,7 @@ def get_config():
   assert cli.main(["data", "inspect", "--config", str(config),
                    "--config.interleave.eta=1.5"]) == 1
   assert "interleave.eta=1.5 must be in (0, 1)" in capsys.readouterr().err
+  assert cli.main(["data", "inspect", "--config", str(config),
+                   "--config.vocab.speech_size=32"]) == 1  # not the t2t model's codebook
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and "makes 64 speech codes but vocab.speech_size is 32" in err[0], err
