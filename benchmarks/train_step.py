@@ -234,7 +234,8 @@ def synthetic_batch(cfg: Config, vocab_special_start: int, seed: int = 0) -> dic
   pos = np.where(seg == 1, idx, np.where(seg == 2, idx - first, 0)).astype(np.int32)
   pos = np.broadcast_to(pos, (b, l)).copy()
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": seg,
-          "positions": pos, "weights": (seg > 0).astype(np.float32)}
+          "positions": pos, "weights": (seg > 0).astype(np.float32),
+          "tasks": (seg > 0).astype(np.int32)}
 
 
 def rel_diff(a: jax.Array, b: jax.Array) -> float:

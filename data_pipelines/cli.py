@@ -1,6 +1,7 @@
-"""`sptlm data inspect`: argument parsing only; the work is in data_pipelines.inspect."""
+"""`sptlm data inspect | materialize`: argument parsing only; the work is in data_pipelines."""
 
 import argparse
+import logging
 import os
 from collections.abc import Sequence
 
@@ -16,6 +17,32 @@ def cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   cfg = config_lib.load(paths.resolve(args.config), list(overrides))
   for line in inspect_lib.inspect(cfg, n=args.n, docs=args.docs):
     print(line, flush=True)
+  return 0
+
+
+def cmd_materialize(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  if not args.verbose:
+    for name in ("apache_beam", "root", "absl", "sptlm.t2t.synthesize"):
+      logging.getLogger(name).setLevel(logging.WARNING)
+  from data_pipelines import config as config_lib
+  logging.disable(logging.WARNING)  # Beam's import warns about optional GCP clients
+  try:
+    from data_pipelines import materialize as materialize_lib
+  finally:
+    logging.disable(logging.NOTSET)
+  from sptlm.config import ConfigError
+  if args.num_workers < 1:
+    raise ConfigError(f"--num-workers={args.num_workers} must be at least 1")
+  cfg = config_lib.load(paths.resolve(args.config), list(overrides))
+  stats = materialize_lib.materialize(cfg, args.output, num_workers=args.num_workers,
+                                      beam_args=args.beam_args)
+  for name, t in stats["tasks"].items():
+    skipped = sum(t["skipped"].values())
+    print(f"  {name:<14} {t['kind']:<12} {t['examples']:>9,} examples {t['tokens']:>12,} "
+          f"tokens  speech {t['speech tokens'] / max(t['tokens'], 1):6.1%}  "
+          f"skipped {skipped:,}", flush=True)
+  print(f"statistics: {args.output}/stats.json", flush=True)
   return 0
 
 
@@ -36,3 +63,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
   q.add_argument("--docs", type=int, default=200,
                  help="documents per task the statistics cover (default 200)")
   q.set_defaults(func=cmd_inspect)
+  m = sub.add_parser(
+      "materialize", help="run the tasks' preprocessing (synthesis included) into ArrayRecord "
+      "shards with Apache Beam",
+      description="Runs every task of a data config (tokenization; for interleaved tasks the "
+      "text-to-token model) as an Apache Beam pipeline and writes ArrayRecord shards and "
+      "stats.json under --output. Identical shards for any --num-workers; a re-run skips "
+      "finished shards. Other options are Apache Beam's, e.g. "
+      "`--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp`.")
+  m.add_argument("--config", default=DEFAULT_CONFIG,
+                 help=f"a data get_config() file (default: {DEFAULT_CONFIG})")
+  m.add_argument("--output", required=True, help="output directory (local or gs://)")
+  m.add_argument("--num-workers", type=int, default=1,
+                 help="DirectRunner worker processes (default 1)")
+  m.add_argument("beam_args", nargs="*", metavar="BEAM_OPTION",
+                 help="Apache Beam pipeline options (--runner=..., --project=...)")
+  m.set_defaults(func=cmd_materialize)

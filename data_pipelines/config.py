@@ -13,15 +13,19 @@ from sptlm import config as config_lib
 from sptlm.config import ConfigError, check_at_least, check_choice, check_positive
 
 KIND = "data"
-TASK_KINDS = ("text", "interleaved")
+TASK_KINDS = ("text", "interleaved", "speech", "asr", "tts")
+TEXT_KINDS = ("text", "interleaved")  # documents; the others read token JSON lines
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
   name: str
-  kind: str  # "text" or "interleaved"
-  files: tuple[str, ...]  # local or gs:// text (blank-line separated) or .jsonl {"text"} files
-  rate: float  # mixture weight (shares are rate / sum of rates)
+  kind: str  # one of TASK_KINDS
+  # text, interleaved: local or gs:// text (blank-line separated) or .jsonl {"text"} files;
+  # speech, asr, tts: JSON lines {"tokens"} / {"text", "tokens"} (see tasks.py)
+  files: tuple[str, ...]
+  rate: float  # share of the mixture's *tokens* (shares are rate / sum of rates; mixture.py)
+  shards: int = 4  # ArrayRecord shards `sptlm data materialize` writes for this task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +79,10 @@ def validate(c: DataPipelineConfig) -> None:
   for t in c.tasks:
     check_choice(f"tasks.{t.name}.kind", t.kind, TASK_KINDS)
     check_positive(f"tasks.{t.name}.rate", t.rate)
+    check_at_least(f"tasks.{t.name}.shards", t.shards, 1)
     if not t.files:
-      raise ConfigError(f"tasks.{t.name}.files is empty: give its text files")
+      raise ConfigError(f"tasks.{t.name}.files is empty: give its "
+                        f"{'text' if t.kind in TEXT_KINDS else 'token JSON lines'} files")
     if t.kind == "interleaved" and not c.interleave.t2t:
       raise ConfigError(f"tasks.{t.name} is interleaved: set interleave.t2t to a `sptlm t2t "
                         "train` work directory")

@@ -1,45 +1,26 @@
 """`sptlm data inspect`: a data config's tasks, shown as people read them, with statistics.
 
-Each task's first documents go through the task's own processing (the text tokenizer; for
-interleaved tasks the Interleaver with the text-to-token model), so the spans and their source
-text are at hand: examples print with speech spans as `[audio: N tokens "source text"]`.
-Statistics per task: documents, tokens, speech share, spans, span length (mean and histogram
-in LM text tokens, what lambda is about), speech coverage of the LM tokens (what eta is about).
+Each task's first items go through the same ExampleBuilder that `sptlm data materialize` runs
+(the text tokenizer; for interleaved tasks the text-to-token model), so examples print with
+speech spans as `[audio: N tokens "source text"]`. Statistics per task: examples, tokens,
+speech share, loss tokens, and for interleaved tasks the spans: length mean and histogram in
+LM text tokens (what lambda is about) and the spoken fraction of LM tokens (what eta is about).
+Then the mixture: each task's target token share, the per-example sampling weights that give
+it (from the measured tokens per example), and the token shares measured over a draw of
+examples through the same grain mixture the trainer uses.
 """
 
 import collections
 import itertools
 from typing import Any
 
+import grain
 import numpy as np
 
-from data_pipelines import interleave as interleave_lib
-from data_pipelines import tasks as tasks_lib
-from data_pipelines import text_tokenizer as text_tokenizer_lib
-from data_pipelines.config import DataPipelineConfig
+from data_pipelines import mixture, sources
+from data_pipelines.config import TEXT_KINDS, DataPipelineConfig, TaskSpec
+from data_pipelines.examples import ExampleBuilder
 from data_pipelines.seqio_vocab import SpeechTextVocabulary
-from data_pipelines.vocabulary import Vocabulary
-from sptlm.errors import InputError
-
-
-def vocabulary(cfg: DataPipelineConfig) -> SpeechTextVocabulary:
-  tok = text_tokenizer_lib.load(cfg.vocab.text_tokenizer)
-  text_tokenizer_lib.check_size(tok, cfg.vocab.text_size)
-  return SpeechTextVocabulary(tok, Vocabulary(cfg.vocab.text_size, cfg.vocab.speech_size))
-
-
-def interleaver(cfg: DataPipelineConfig, vocab: SpeechTextVocabulary,
-                t2t: Any = None) -> interleave_lib.Interleaver:
-  """The config's Interleaver; `t2t` (a loaded T2T) defaults to interleave.t2t."""
-  if t2t is None:
-    from sptlm.t2t.synthesize import T2T
-    t2t = T2T.load(cfg.interleave.t2t)
-  if t2t.cfg.vocab.speech_size != cfg.vocab.speech_size:
-    raise InputError(f"interleave.t2t {cfg.interleave.t2t} makes {t2t.cfg.vocab.speech_size} "
-                     f"speech codes but vocab.speech_size is {cfg.vocab.speech_size}")
-  i = cfg.interleave
-  return interleave_lib.Interleaver(vocab.tokenizer, vocab.layout, t2t.synthesize,
-                                    lam=i.lam, eta=i.eta, seed=i.seed)
 
 
 def _histogram(values: list[int], edges: tuple[int, ...] = (1, 5, 9, 13, 17, 21, 31)) -> str:
@@ -48,57 +29,93 @@ def _histogram(values: list[int], edges: tuple[int, ...] = (1, 5, 9, 13, 17, 21,
   return "  ".join(f"{lab}: {c}" for lab, c in zip(labels, counts))
 
 
+def _items(task: TaskSpec, cfg: DataPipelineConfig, limit: int,
+           skipped: collections.Counter) -> list[Any]:
+  """The task's first `limit` usable items; the unusable ones before them counted."""
+  def read(name: str):
+    if task.kind in TEXT_KINDS:
+      return sources.file_documents(name)
+    return sources.file_token_records(name, cfg.vocab.speech_size, task.kind != "speech")
+  out = []
+  for item in itertools.chain.from_iterable(read(f) for f in task.files):
+    if len(out) >= limit:
+      break
+    if isinstance(item, sources.Skipped):
+      skipped[item.reason] += 1
+    else:
+      out.append(item)
+  return out
+
+
+def measured_shares(lengths: dict[str, list[int]], weights: dict[str, float],
+                    draws: int = 20_000, seed: int = 0) -> dict[str, float]:
+  """Token shares of `draws` examples drawn through grain's mixture with `weights`."""
+  names = list(lengths)
+  parts = [grain.MapDataset.source(lengths[n]).shuffle(seed=seed).repeat(None)
+           .map(lambda x, i=i: (i, x)) for i, n in enumerate(names)]
+  mixed = grain.MapDataset.mix(parts, [weights[n] for n in names])
+  tokens = np.zeros(len(names))
+  for i in range(draws):
+    task, n = mixed[i]
+    tokens[task] += n
+  return {n: float(t / tokens.sum()) for n, t in zip(names, tokens)}
+
+
 def inspect(cfg: DataPipelineConfig, n: int = 3, docs: int = 200, t2t: Any = None) -> list[str]:
-  """The report's lines: n examples and statistics over `docs` documents per task."""
-  vocab = vocabulary(cfg)
-  inter = interleaver(cfg, vocab, t2t) if any(t.kind == "interleaved" for t in cfg.tasks) \
-      else None
-  total_rate = sum(t.rate for t in cfg.tasks)
+  """The report's lines: n examples and statistics over the first `docs` items per task."""
+  builder = ExampleBuilder(cfg, t2t)
+  vocab = SpeechTextVocabulary(builder.tokenizer, builder.layout)
   lines: list[str] = []
+  lengths: dict[str, list[int]] = {}
   for task in cfg.tasks:
-    tasks_lib.SOURCE_COUNTS.clear()
-    documents = list(itertools.islice(tasks_lib.read_documents(task.files), docs))
+    skipped: collections.Counter = collections.Counter()
+    items = _items(task, cfg, docs, skipped)
     stats: collections.Counter = collections.Counter()
     span_lengths: list[int] = []
     shown: list[str] = []
-    if task.kind == "text":
-      eos = [] if vocab.eos_id is None else [vocab.eos_id]
-      for d in documents:
-        ids = vocab.tokenizer.encode(d) + eos
-        stats["tokens"] += len(ids)
-        stats["text tokens"] += len(ids)
+    lengths[task.name] = []
+    for start in range(0, len(items), cfg.interleave.batch):
+      batch = items[start:start + cfg.interleave.batch]
+      for item, b in zip(batch, builder.build(task.kind, batch)):
+        if isinstance(b, str):
+          skipped[b] += 1
+          continue
+        stats.update(builder.stats(b))
+        lengths[task.name].append(len(b.ids))
+        span_lengths += list(b.span_tokens)
         if len(shown) < n:
-          shown.append(vocab.readable(ids))
-    else:
-      inter.counts.clear()
-      for start in range(0, len(documents), cfg.interleave.batch):
-        for ex in inter(documents[start:start + cfg.interleave.batch]):
-          if ex is None:
-            continue
-          stats["tokens"] += len(ex.ids) + 1
-          stats["speech tokens"] += int(vocab.speech_mask(ex.ids).sum())
-          stats["lm tokens"] += ex.text_tokens
-          stats["lm tokens spoken"] += sum(ex.span_tokens)
-          span_lengths += list(ex.span_tokens)
-          if len(shown) < n:
-            shown.append(vocab.readable(ex.ids, [t for _, _, t in ex.spans]))
-      stats.update({f"skipped: {k}": v for k, v in inter.counts.items() if k != "documents"})
-    stats.update({f"skipped: {k}": v for k, v in tasks_lib.SOURCE_COUNTS.items()})
-    lines.append(f"== task {task.name} ({task.kind}, rate {task.rate:g}: "
-                 f"{task.rate / total_rate:.1%} of examples) ==")
-    for i, s in enumerate(shown):
-      lines.append(f"[{i}] {s}")
-    lines.append(f"documents: {len(documents):,}  tokens: {stats['tokens']:,}  "
-                 f"tokens/example: {stats['tokens'] / max(len(documents), 1):,.1f}")
+          said = [t for _, _, t in b.spans] or ([item[0]] if task.kind == "asr" else [])
+          shown.append(vocab.readable(b.ids, said))
+    lines.append(f"== task {task.name} ({task.kind}, rate {task.rate:g}) ==")
+    lines += [f"[{i}] {s}" for i, s in enumerate(shown)]
+    tokens = max(stats["tokens"], 1)
+    lines.append(f"examples: {stats['examples']:,}  tokens: {stats['tokens']:,}  "
+                 f"tokens/example: {stats['tokens'] / max(stats['examples'], 1):,.1f}  "
+                 f"speech share: {stats['speech tokens'] / tokens:.1%}  "
+                 f"in the loss: {stats['loss tokens'] / tokens:.1%}")
     if task.kind == "interleaved":
-      lines.append(f"speech share: {stats['speech tokens'] / max(stats['tokens'], 1):.1%} of "
-                   f"tokens  spans: {len(span_lengths):,}  span length (LM tokens): mean "
+      lines.append(f"spans: {len(span_lengths):,}  span length (LM tokens): mean "
                    f"{np.mean(span_lengths) if span_lengths else 0:.2f} (lambda "
                    f"{cfg.interleave.lam:g})  spoken: "
                    f"{stats['lm tokens spoken'] / max(stats['lm tokens'], 1):.1%} of LM tokens "
                    f"(eta {cfg.interleave.eta:g})")
       lines.append(f"span lengths: {_histogram(span_lengths)}")
-    skipped = {k: v for k, v in stats.items() if k.startswith("skipped")}
     if skipped:
-      lines.append("  ".join(f"{k}: {v}" for k, v in sorted(skipped.items())))
+      lines.append("skipped: " + "  ".join(f"{k}: {v}" for k, v in sorted(skipped.items())))
+  lines += _mixture_lines(cfg, lengths)
+  return lines
+
+
+def _mixture_lines(cfg: DataPipelineConfig, lengths: dict[str, list[int]]) -> list[str]:
+  rates = {t.name: t.rate for t in cfg.tasks if lengths[t.name]}
+  if not rates:
+    return ["== mixture: no task gave an example =="]
+  per_example = {k: float(np.mean(lengths[k])) for k in rates}
+  weights = mixture.example_weights(rates, per_example)
+  target = mixture.token_shares(rates)
+  got = measured_shares({k: lengths[k] for k in rates}, weights)
+  lines = ["== mixture (token shares: target, then measured over 20,000 drawn examples) =="]
+  for k in rates:
+    lines.append(f"{k:<16} target {target[k]:6.1%}  measured {got[k]:6.1%}  "
+                 f"example weight {weights[k]:.3f}  ({per_example[k]:,.1f} tokens/example)")
   return lines

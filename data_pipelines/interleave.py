@@ -79,28 +79,33 @@ class Interleaver:
 
   def __call__(self, documents: Sequence[str | bytes]) -> list[Example | None]:
     """One example per document; None (counted) for one that cannot be used."""
+    return [e if isinstance(e, Example) else None for e in self.interleave(documents)]
+
+  def interleave(self, documents: Sequence[str | bytes]) -> list[Example | str]:
+    """One example per document, or the reason (counted) it cannot be used."""
     plans = [self._plan(d) for d in documents]
-    texts = [t for p in plans if p for _, _, t in p[2]]
+    texts = [t for p in plans if not isinstance(p, str) for _, _, t in p[2]]
     codes = iter(self.synthesize(texts) if texts else [])
-    return [self._build(p, codes) if p else None for p in plans]
+    return [p if isinstance(p, str) else self._build(p, codes) for p in plans]
+
+  def _skip(self, reason: str) -> str:
+    self.counts[reason] += 1
+    return reason
 
   def _plan(self, document: str | bytes):
     if isinstance(document, bytes):
       try:
         document = document.decode("utf-8")
       except UnicodeDecodeError:
-        self.counts["non-UTF-8 documents"] += 1
-        return None
+        return self._skip("non-UTF-8 documents")
     if not document.strip():
-      self.counts["empty documents"] += 1
-      return None
+      return self._skip("empty documents")
     if len(document) > self.max_chars:
       self.counts[f"documents cut to {self.max_chars:,} characters"] += 1
       document = document[:self.max_chars]
     ids, offsets = self.tokenizer.encode_with_offsets(document)
     if not ids:
-      self.counts["documents without text tokens"] += 1
-      return None
+      return self._skip("documents without text tokens")
     spans = choose_spans(len(ids), document_rng(document, self.seed), self.lam, self.eta)
     return ids, spans, [(a, b, document[offsets[a][0]:offsets[b - 1][1]].strip())
                         for a, b in spans]

@@ -15,6 +15,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from data_pipelines import sources
 from data_pipelines.text_tokenizer import TextTokenizer
 from data_pipelines.vocabulary import Vocabulary
 from sptlm.errors import InputError
@@ -32,8 +33,7 @@ class SpeechTextVocabulary(seqio.Vocabulary):
 
   @property
   def eos_id(self) -> int | None:
-    eos = self.tokenizer.eos_id()
-    return eos if eos is not None else self.layout.special_id("<|end_of_text|>")
+    return sources.eos_id(self.tokenizer, self.layout)
 
   @property
   def unk_id(self) -> int | None:

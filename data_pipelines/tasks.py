@@ -9,60 +9,20 @@ text-to-token model) on batches of documents inside the tf.data pipeline.
 
 Speech-only, ASR and TTS tasks read JSON lines with raw codebook indices: {"tokens"} (what
 `sptlm tokenizer encode` prints) or {"text", "tokens"} (TTS pairs, `sptlm t2t synthesize`).
-Their examples carry "weights" (1 where the loss counts), in this format (the paper leaves it
-open; README documents it):
-  speech-only  <|begin_of_audio|> codes <|end_of_audio|> EOS            all predicted
-  ASR          <|begin_of_audio|> codes <|end_of_audio|> transcript EOS  loss on transcript+EOS
-  TTS          text <|begin_of_audio|> codes <|end_of_audio|>           loss on codes+end
+Their examples carry "weights" (1 where the loss counts), laid out as sources.py says.
 """
 
-import collections
 import functools
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import seqio
 import tensorflow as tf
-from etils import epath
 
 from data_pipelines.interleave import Interleaver
 from data_pipelines.seqio_vocab import SpeechTextVocabulary
-
-SOURCE_COUNTS: collections.Counter = collections.Counter()
-
-
-def read_documents(files: Sequence[str]) -> Iterator[str]:
-  """The documents of `files`, in order; bad lines and files are counted, not fatal."""
-  for name in files:
-    path = epath.Path(name)
-    try:
-      raw = path.read_bytes()
-    except FileNotFoundError:
-      SOURCE_COUNTS["missing files"] += 1
-      continue
-    try:
-      text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-      SOURCE_COUNTS["non-UTF-8 files"] += 1
-      continue
-    if path.name.endswith(".jsonl"):
-      for line in text.splitlines():
-        if not line.strip():
-          continue
-        try:
-          doc = json.loads(line)["text"]
-        except (ValueError, KeyError, TypeError):
-          SOURCE_COUNTS["unreadable lines"] += 1
-          continue
-        if isinstance(doc, str):
-          yield doc
-        else:
-          SOURCE_COUNTS["unreadable lines"] += 1
-    else:
-      for block in text.replace("\r\n", "\n").split("\n\n"):
-        if block.strip():
-          yield block.strip()
+from data_pipelines.sources import SOURCE_COUNTS  # noqa: F401 (callers read the counts here)
+from data_pipelines.sources import layout_record, read_documents, read_token_records
 
 
 def _source(files: Sequence[str]) -> seqio.FunctionDataSource:
@@ -118,42 +78,6 @@ def interleaved_task(name: str, files: Sequence[str], vocab: SpeechTextVocabular
                      seqio.preprocessors.append_eos_after_trim])
 
 
-def read_token_records(files: Sequence[str], speech_size: int,
-                       need_text: bool) -> Iterator[tuple[str, np.ndarray]]:
-  """(text, raw codes) per JSON line of `files`: `sptlm tokenizer encode` output
-  ({"tokens"}), `sptlm t2t synthesize` output or TTS pairs ({"text", "tokens"}). Unreadable
-  lines, codes outside [0, speech_size) and (when `need_text`) empty texts are counted in
-  SOURCE_COUNTS and skipped."""
-  for name in files:
-    path = epath.Path(name)
-    try:
-      lines = path.read_text().splitlines()
-    except FileNotFoundError:
-      SOURCE_COUNTS["missing files"] += 1
-      continue
-    except UnicodeDecodeError:
-      SOURCE_COUNTS["non-UTF-8 files"] += 1
-      continue
-    for line in lines:
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-        codes = np.asarray(rec["tokens"], np.int64).reshape(-1)
-        text = rec.get("text", "") if need_text else ""
-      except (ValueError, KeyError, TypeError, AttributeError):
-        SOURCE_COUNTS["unreadable lines"] += 1
-        continue
-      if codes.size == 0:
-        SOURCE_COUNTS["records without speech tokens"] += 1
-      elif codes.min() < 0 or codes.max() >= speech_size:
-        SOURCE_COUNTS["records with speech codes outside the codebook"] += 1
-      elif need_text and (not isinstance(text, str) or not text.strip()):
-        SOURCE_COUNTS["records with an empty text"] += 1
-      else:
-        yield text, codes.astype(np.int32)
-
-
 def _records_source(files: Sequence[str], vocab: SpeechTextVocabulary,
                     need_text: bool) -> seqio.FunctionDataSource:
   def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
@@ -174,24 +98,9 @@ def _paired_features(vocab: SpeechTextVocabulary) -> dict[str, seqio.Feature]:
 
 
 def _layout(vocab: SpeechTextVocabulary, kind: str):
-  """Maps a record to (targets, weights) in the documented format of `kind`."""
-  boa = vocab.layout.special_id("<|begin_of_audio|>")
-  eoa = vocab.layout.special_id("<|end_of_audio|>")
-  eos = [] if vocab.eos_id is None else [vocab.eos_id]
-  offset = vocab.layout.speech_start
-
+  """Maps a record to (targets, weights) with layout_record."""
   def build(text: bytes, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    speech = [boa] + (codes + offset).tolist() + [eoa]
-    words = vocab.tokenizer.encode(text.decode("utf-8")) if kind != "speech" else []
-    if kind == "speech":  # everything is predicted
-      ids, weights = speech + eos, [1] * (len(speech) + len(eos))
-    elif kind == "asr":  # speech, then its transcript: the loss is on the text
-      ids = speech + words + eos
-      weights = [0] * len(speech) + [1] * (len(words) + len(eos))
-    else:  # tts: text, then its speech: the loss is on the speech
-      ids = words + speech
-      weights = [0] * (len(words) + 1) + [1] * (len(speech) - 1)
-    return np.asarray(ids, np.int32), np.asarray(weights, np.int32)
+    return layout_record(vocab.tokenizer, vocab.layout, kind, text.decode("utf-8"), codes)
 
   def fn(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     ids, weights = tf.numpy_function(build, [ex["text"], ex["codes"]], (tf.int32, tf.int32),

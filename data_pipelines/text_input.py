@@ -3,12 +3,14 @@
 This feeds `sptlm train` until the interleaved speech-text tasks land; they will produce the
 same batch fields. A batch is a dict of [B, L] numpy arrays:
   inputs, targets (next tokens), segment_ids (1.. per packed document, 0 = padding),
-  positions (restart at 0 in each document), weights (1.0 where the target counts).
+  positions (restart at 0 in each document), weights (1.0 where the target counts),
+  tasks (the mixture task of each target, 1-based; here always 1, 0 on padding).
 """
 
 import dataclasses
 import json
 import pathlib
+from typing import Any
 
 import grain
 import numpy as np
@@ -17,7 +19,7 @@ from data_pipelines import text_tokenizer as text_tokenizer_lib
 from data_pipelines.text_tokenizer import TextTokenizer
 from sptlm.errors import InputError, MissingFileError
 
-FIELDS = ("inputs", "targets", "weights")
+FIELDS = ("inputs", "targets", "weights", "tasks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +65,8 @@ def make_examples(docs: list[str], tok: TextTokenizer,
       if len(piece) < 2:
         continue
       examples.append({"inputs": piece[:-1], "targets": piece[1:],
-                       "weights": np.ones(len(piece) - 1, np.float32)})
+                       "weights": np.ones(len(piece) - 1, np.float32),
+                       "tasks": np.ones(len(piece) - 1, np.int32)})
   return examples
 
 
@@ -72,6 +75,7 @@ def _to_batch_fields(ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
       "inputs": ex["inputs"],
       "targets": ex["targets"],
       "weights": ex["weights"],
+      "tasks": ex["tasks"],
       "segment_ids": ex["inputs_segment_ids"].astype(np.int32),
       "positions": ex["inputs_positions"].astype(np.int32),
   }
@@ -80,7 +84,8 @@ def _to_batch_fields(ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def make_dataset(examples: list[dict[str, np.ndarray]], *, seq_len: int, batch: int,
                  packing_bins: int, seed: int) -> grain.IterDataset:
   """Shuffled (reshuffled each epoch), first-fit packed, batched."""
-  ds = grain.MapDataset.source(examples).shuffle(seed=seed).repeat(None).to_iter_dataset()
+  ds = grain.MapDataset.source(examples).shuffle(seed=seed).repeat(None).to_iter_dataset(
+      grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))  # in memory: no read threads
   ds = grain.experimental.FirstFitPackIterDataset(
       ds, length_struct={k: seq_len for k in FIELDS},
       num_packing_bins=max(packing_bins, batch), seed=seed, shuffle_bins=True)
@@ -112,10 +117,18 @@ class ShardedBatches:
                       ).encode()
 
   def set_state(self, state: bytes) -> None:
-    saved = json.loads(state)
-    if sorted(saved) != sorted(str(s) for s in self.shard_ids):
-      raise InputError(f"checkpointed data shards {sorted(saved)} differ from this host's "
-                       f"{self.shard_ids}; resume with the same data.num_shards and hosts")
+    self.set_states([state])
+
+  def set_states(self, states: list[bytes | str]) -> None:
+    """Restores this host's shards from the states every process of the saving run wrote, so
+    a run resumes exactly on another number of hosts (data.num_shards fixed)."""
+    saved: dict[str, Any] = {}
+    for state in states:
+      saved.update(json.loads(state))
+    missing = [s for s in self.shard_ids if str(s) not in saved]
+    if missing:
+      raise InputError(f"the checkpoint holds data shards {sorted(saved, key=int)} but this "
+                       f"host reads {self.shard_ids}; resume with the same data.num_shards")
     for s, it in zip(self.shard_ids, self.iters):
       it.set_state(saved[str(s)])
 

@@ -131,7 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest, overrides = _split_overrides(argv)
   except UserError as e:
     parser.exit(2, f"sptlm: error: {e}\n")
-  args = parser.parse_args(rest)
+  args, unknown = parser.parse_known_args(rest)
+  if unknown and hasattr(args, "beam_args"):  # `sptlm data materialize`: Beam's own options
+    args.beam_args = [*args.beam_args, *unknown]
+  elif unknown:
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
   logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                       format="%(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "jax._src", "orbax", "grain"):

@@ -76,13 +76,16 @@ class VocabConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Text-corpus input until the interleaved pipeline lands."""
+  """The LM's input: materialized mixture shards (`shards`), or else a text corpus."""
 
-  corpus: str
+  corpus: str  # a text file (blank-line separated documents), used when `shards` is empty
   seq_len: int
   global_batch_size: int
   packing_bins: int  # first-fit packing considers this many open sequences at once (per shard)
   num_shards: int  # independent data streams; hosts own contiguous shards (see text_input)
+  shards: str = ""  # an `sptlm data materialize --output` directory: the task mixture
+  rates: tuple[tuple[str, float], ...] = ()  # {task: token share} over the materialized rates
+  workers: int = 0  # grain worker processes per host (0: in the training process)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,6 +398,10 @@ def validate(c: Config) -> None:
   check_at_least("vocab.speech_size", v.speech_size, 0)
   check_at_least("data.global_batch_size", d.global_batch_size, 1)
   check_at_least("data.num_shards", d.num_shards, 1)
+  check_at_least("data.workers", d.workers, 0)
+  for name, rate in d.rates:
+    if rate < 0:
+      raise ConfigError(f"data.rates.{name}={rate} must be at least 0")
   validate_train(t)
   validate_mesh(c.mesh)
   if d.global_batch_size % t.microbatches:

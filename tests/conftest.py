@@ -56,3 +56,11 @@ def repo_root() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tiny_config() -> config.Config:
   return config.load(CONFIG_DIR / "tiny.py")
+
+
+@pytest.fixture(scope="session")
+def trained_t2t(tmp_path_factory) -> pathlib.Path:
+  """The tiny text-to-token model of the synthetic language (tests/t2t_synthetic.py), trained
+  once per session: test_t2t and the data pipeline's tests share it."""
+  import t2t_synthetic
+  return t2t_synthetic.train(tmp_path_factory.mktemp("t2t"))

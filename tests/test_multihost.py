@@ -1,8 +1,10 @@
-"""Two local processes (jax.distributed over gloo, 4 CPU devices each) train like one with 8."""
+"""Two local processes (jax.distributed over gloo, 4 CPU devices each) train like one with 8,
+through a SIGTERM, a kill, a damaged checkpoint, and a resume on one process."""
 
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -119,3 +121,22 @@ def test_two_processes_match_one_through_sigterm_and_kill(tmp_path):
   listed = json.loads((multi / "checkpoints" / str(total) / "sptlm_manifest.json").read_text())
   assert "data/process_1-of-2.json" in listed["files"]
   assert any(k.startswith("state/ocdbt.process_1/") for k in listed["files"]), sorted(listed)
+
+  # 4. The same job resumed on one host with 8 devices: its two data streams come back from
+  #    both workers' saved iterator states, and the losses are the uninterrupted run's.
+  rehost = tmp_path / "rehost"
+  shutil.copytree(multi, rehost)
+  resume_at = _saved(rehost)[-2]
+  for step in _saved(rehost):
+    if step > resume_at:
+      shutil.rmtree(rehost / "checkpoints" / str(step))
+  rows = (rehost / "metrics.jsonl").read_text().splitlines()
+  (rehost / "metrics.jsonl").write_text(
+      "\n".join(r for r in rows if json.loads(r)["step"] <= resume_at) + "\n")
+  proc = _start([*ARGS, *steps, "--workdir", str(rehost)], 8, tmp_path / "rehost.log")
+  _wait([proc], [tmp_path / "rehost.log"])
+  assert f"at step {resume_at}" in (tmp_path / "rehost.log").read_text()
+  got = _losses(rehost)
+  assert [s for s, _ in got] == list(range(1, total + 1))
+  for (_, a), (_, b) in zip(got, want):
+    assert abs(a - b) <= 2e-6 * abs(b), (got, want)

@@ -21,68 +21,13 @@ from sptlm.t2t import synthesize as synth_lib
 from sptlm.t2t import units as units_lib
 from sptlm.train import program as program_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "configs" / "t2t_tiny.py")
-K = 64  # speech codes
-WORDS = ("the cat sat on a mat we go home now she sells sea shells by the shore a dog ran far "
-         "in the park my hat is red and blue you can see the big car it is time to eat").split()
-
-
-def _codes(text: str) -> np.ndarray:
-  """The speech codes of a text in the synthetic language: two per character."""
-  return np.array([c for ch in text for c in ((ord(ch) * 5) % K, (ord(ch) * 3 + 1) % K)],
-                  np.int32)
-
-
-def _read_back(codes: np.ndarray) -> str:
-  table = {((ord(ch) * 5) % K, (ord(ch) * 3 + 1) % K): ch for ch in units_lib.ALPHABET}
-  return "".join(table.get((int(a), int(b)), "?") for a, b in zip(codes[::2], codes[1::2]))
-
-
-def _sentences(n: int, seed: int) -> list[str]:
-  rng = np.random.default_rng(seed)
-  return [" ".join(rng.choice(WORDS, size=rng.integers(2, 5))) for _ in range(n)]
-
-
-def _cer(refs: list[str], hyps: list[str]) -> float:
-  def dist(a: str, b: str) -> int:
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-      prev, row[0] = row[0], i
-      for j, cb in enumerate(b, 1):
-        prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
-  return sum(dist(r, h) for r, h in zip(refs, hyps)) / sum(len(r) for r in refs)
-
-
-TINY = ["--config.model.num_layers=2", "--config.model.d_model=64", "--config.model.num_heads=2",
-        "--config.model.num_kv_heads=2", "--config.model.head_dim=32", "--config.model.d_ff=128",
-        f"--config.vocab.speech_size={K}", "--config.data.seq_len=128",
-        "--config.data.global_batch_size=8", "--config.data.max_text_units=40",
-        "--config.data.max_speech_tokens=80", "--config.train.warmup_steps=20",
-        "--config.train.learning_rate=0.01", "--config.train.min_learning_rate=0.001",
-        "--config.train.log_every=10", "--config.train.checkpoint_every=100",
-        "--config.mesh.data=1", "--config.synth.batch_size=8", "--config.synth.prompt_bucket=16",
-        "--config.synth.max_text_units=40", '--config.data.tokenizer=',
-        '--config.data.corpus=']
+from t2t_synthetic import (CONFIG, K, ROOT, _cer, _codes, _read_back, _sentences,
+                           data_config)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> pathlib.Path:
-  root = tmp_path_factory.mktemp("t2t")
-  pairs = root / "pairs.jsonl"
-  lines = [json.dumps({"text": t, "tokens": _codes(t).tolist()}) for t in _sentences(600, 0)]
-  lines += ["not json", json.dumps({"text": "", "tokens": [1]}),
-            json.dumps({"text": "x", "tokens": [K + 5]})]
-  pairs.write_text("\n".join(lines) + "\n")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  proc = subprocess.run([sys.executable, "-m", "sptlm.cli", "t2t", "train", "--config", CONFIG,
-                         "--workdir", str(root / "run"), f"--config.data.pairs=('{pairs}',)",
-                         "--config.train.steps=300", *TINY], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "600 pairs (1 unreadable, 1 empty text, 1 out-of-range tokens skipped)" in proc.stdout
-  return root / "run"
+def trained(trained_t2t) -> pathlib.Path:
+  return trained_t2t
 
 
 def test_units_spell_the_normalized_transcript():
@@ -292,25 +237,18 @@ def test_data_inspect_prints_spans_and_interleaving_statistics(trained, tmp_path
   from sptlm import cli
   docs = tmp_path / "docs.txt"
   docs.write_text("\n\n".join(". ".join(_sentences(20, 900 + i)) for i in range(30)))
-  config = tmp_path / "data.py"
-  config.write_text(f'''
-import ml_collections
-def get_config():
-  c = ml_collections.ConfigDict()
-  c.name = "data_test"
-  c.kind = "data"
-  c.vocab = dict(text_tokenizer="data_pipelines/assets/tiny_sp1024.model", text_size=1024,
-                 speech_size={K})
-  c.interleave = dict(lam=10.0, eta=0.3, seed=0, t2t="{trained}", batch=8)
-  c.tasks = {{"plain": dict(kind="text", files=("{docs}",), rate=1.0),
-             "mixed": dict(kind="interleaved", files=("{docs}",), rate=3.0)}}
-  return c
-''')
+  config = data_config(tmp_path / "data.py", trained, f"""{{
+      "plain": dict(kind="text", files=("{docs}",), rate=1.0),
+      "mixed": dict(kind="interleaved", files=("{docs}",), rate=3.0)}}""")
   assert cli.main(["data", "inspect", "--config", str(config), "--n", "2"]) == 0
   out = capsys.readouterr().out
-  assert "== task mixed (interleaved, rate 3: 75.0% of examples) ==" in out
-  assert "== task plain (text, rate 1: 25.0% of examples) ==" in out
-  assert out.count("[audio: ") >= 2 and "documents: 30" in out
+  assert "== task mixed (interleaved, rate 3) ==" in out
+  assert "== task plain (text, rate 1) ==" in out
+  assert out.count("[audio: ") >= 2 and out.count("examples: 30 ") == 2
+  # the mixture, drawn through grain: token shares within a point of the rates' 75 / 25
+  mixed = out.split("\nmixed ")[1].split("\n")[0]
+  assert "target  75.0%" in mixed, mixed
+  assert abs(float(mixed.split("measured ")[1].split("%")[0]) - 75.0) < 1.0, mixed
   share = float(out.split("spoken: ")[1].split("%")[0])
   assert 30.0 <= share < 32.0, share  # eta = 0.3 of the LM tokens, rounded up per document
   mean = float(out.split("span length (LM tokens): mean ")[1].split(" ")[0])

@@ -131,7 +131,7 @@ def test_bad_config_is_one_line_error(tmp_path, capsys):
 def _step_results(cfg: config_lib.Config, devices: list, steps: int = 2):
   mesh = sharding.make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp,
                              "tensor": cfg.mesh.tensor}, devices)
-  program = program_lib.build(cfg, mesh)
+  program = program_lib.build(cfg, mesh, ("first", "second"))
   state = program.init()
   rng = np.random.default_rng(0)
   shape = (cfg.data.global_batch_size, cfg.data.seq_len)
@@ -143,7 +143,8 @@ def _step_results(cfg: config_lib.Config, devices: list, steps: int = 2):
                                       shape[0], 0).astype(np.int32),
              "positions": np.tile(np.arange(shape[1]) % (shape[1] // 2), (shape[0], 1)
                                   ).astype(np.int32),
-             "weights": np.ones(shape, np.float32)}
+             "weights": np.ones(shape, np.float32),
+             "tasks": rng.integers(1, 3, shape, dtype=np.int32)}
     state, metrics = program.step(state, program.global_batch(batch))
     out.append(jax.device_get(metrics))
   return out, jax.device_get(state["params"])
@@ -165,6 +166,8 @@ def test_grad_accumulation_mesh_and_loss_chunks_match_single_device():
     for got, want in zip(metrics, ref_metrics):
       np.testing.assert_allclose(got["loss"], want["loss"], rtol=2e-6)
       np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=2e-5)
+      np.testing.assert_allclose(got["loss_tasks"], want["loss_tasks"], rtol=2e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
                  params, ref_params)
   assert ref_metrics[1]["loss_speech"] > 0  # targets include speech ids
+  assert np.isfinite(ref_metrics[0]["loss_tasks"]).all() and ref_metrics[0]["loss_tasks"].shape == (2,)

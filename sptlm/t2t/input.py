@@ -76,7 +76,8 @@ class PackedPairs(Iterator[dict[str, np.ndarray]]):
     same = segments[:, 1:] == segments[:, :-1]  # a target of another pair is no target
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
              "segment_ids": segments[:, :-1], "positions": positions[:, :-1],
-             "weights": weights[:, :-1] * same}
+             "weights": weights[:, :-1] * same,
+             "tasks": (segments[:, :-1] > 0).astype(np.int32)}  # one task: the pairs
     return {k: v[self.rows] for k, v in batch.items()}
 
   def get_state(self) -> bytes:

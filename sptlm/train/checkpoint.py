@@ -241,7 +241,8 @@ class Checkpointer:
 
   The data iterator is anything grain's checkpoint handler takes: a grain DatasetIterator, or
   an object with get_state() -> bytes, set_state(bytes) and start_prefetch(); each process
-  writes its own iterator state.
+  writes its own iterator state. One with set_states(list) gets every process's saved state
+  on restore (text_input.ShardedBatches: it then resumes on another number of hosts).
   """
 
   def __init__(self, workdir: str, *, keep: int, async_save: bool, retry_delay_s: float = 1.0,
@@ -320,10 +321,16 @@ class Checkpointer:
       return None
     self.check_fits(step, abstract_state, config)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iter is not None:
+    every_process = data_iter is not None and hasattr(data_iter, "set_states")
+    if data_iter is not None and not every_process:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self._read(step, lambda: self.manager.restore(
         step, args=ocp.args.Composite(**items)))
+    if every_process:  # all processes' iterator files: the host count may have changed
+      data_dir = self.directory / str(step) / "data"
+      states = self._read(step, lambda: [
+          f.read_text() for f in sorted(data_dir.glob("process_*-of-*.json"))])
+      data_iter.set_states(states)
     return step, restored["state"]
 
   def restore_state(self, step: int, abstract_state: Any) -> Any:

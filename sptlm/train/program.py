@@ -5,7 +5,7 @@ the step here, so what is measured and compiled is exactly what trains.
 """
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -22,7 +22,7 @@ from sptlm.train import optimizer as optimizer_lib
 from sptlm.train import step as step_lib
 
 BATCH_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
-                "positions": jnp.int32, "weights": jnp.float32}
+                "positions": jnp.int32, "weights": jnp.float32, "tasks": jnp.int32}
 
 
 def vocabulary(cfg: Config) -> Vocabulary:
@@ -45,6 +45,7 @@ class Program:
   init: Callable[[], step_lib.TrainState]
   step: Any  # jitted train step (state, batch) -> (state, metrics)
   num_params: int
+  task_names: tuple[str, ...] = ("text",)  # the mixture's tasks: batch["tasks"] 1, 2, ...
 
   def abstract_batch(self, global_batch: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     b = global_batch or self.cfg.data.global_batch_size
@@ -58,7 +59,8 @@ class Program:
             for k in BATCH_FIELDS}
 
 
-def build(cfg: Config, mesh: Mesh) -> Program:
+def build(cfg: Config, mesh: Mesh, task_names: Sequence[str] = ("text",)) -> Program:
+  """`task_names`: the input's mixture tasks, each reported as loss_task_NAME."""
   vocab = vocabulary(cfg)
   rules = cfg.mesh.rules
   model_cfg, seed = cfg.model, cfg.train.seed
@@ -90,7 +92,8 @@ def build(cfg: Config, mesh: Mesh) -> Program:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt.init(params)}
 
   batch_sharding = sharding.named(mesh, rules, ("batch", "length"))
-  train_step = step_lib.make_train_step(graphdef, opt, sched, vocab, cfg.train.microbatches)
+  train_step = step_lib.make_train_step(graphdef, opt, sched, vocab, cfg.train.microbatches,
+                                        num_tasks=len(task_names))
 
   def step_in_mesh(state, batch):
     with sharding.logical_rules(mesh, rules):
@@ -101,4 +104,4 @@ def build(cfg: Config, mesh: Mesh) -> Program:
   init_jit = jax.jit(init, out_shardings=state_sharding)
   num_params = sum(x.size for x in jax.tree.leaves(pure_params))
   return Program(cfg, mesh, vocab, graphdef, opt, sched, abstract_state, state_sharding,
-                 batch_sharding, init_jit, jitted, num_params)
+                 batch_sharding, init_jit, jitted, num_params, tuple(task_names))

@@ -1,5 +1,6 @@
 """The loss and the jitted train step (pjit semantics: explicit shardings, donated state)."""
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -38,11 +39,13 @@ def cross_entropy(model: Any, x_BxLxD: jax.Array, targets_BxL: jax.Array,
 
 
 def loss_sums(params: Any, graphdef: nnx.GraphDef, batch: Batch, vocab: Vocabulary,
-              scale: jax.Array | float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+              scale: jax.Array | float = 1.0,
+              num_tasks: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted cross-entropy *sums* (not means), so micro-batches add up exactly.
 
   The differentiated value is the sum times `scale` (1 / the global batch's weight), so the
-  gradients come out normalised without another pass over them.
+  gradients come out normalised without another pass over them. Per mixture task
+  (batch["tasks"], 1-based): [num_tasks] sums.
   """
   model = nnx.merge(graphdef, params)
   x_BxLxD = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
@@ -58,6 +61,9 @@ def loss_sums(params: Any, graphdef: nnx.GraphDef, batch: Batch, vocab: Vocabula
       "loss_text": jnp.sum(xent_BxL * text_BxL),
       "weight_text": jnp.sum(text_BxL),
   }
+  task_BxLxT = (batch["tasks"][..., None] == jnp.arange(1, num_tasks + 1)).astype(jnp.float32)
+  sums["loss_tasks"] = jnp.einsum("bl,blt->t", xent_BxL * w_BxL, task_BxLxT)
+  sums["weight_tasks"] = jnp.einsum("bl,blt->t", w_BxL, task_BxLxT)
   return sums["loss"] * scale, sums
 
 
@@ -66,10 +72,10 @@ def _split_micro(batch: Batch, n: int) -> Batch:
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, vocab: Vocabulary,
-                    microbatches: int) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    schedule: optax.Schedule, vocab: Vocabulary, microbatches: int,
+                    num_tasks: int = 1) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """One optimizer step over a global batch, accumulating gradients over micro-batches."""
-  grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(loss_sums, num_tasks=num_tasks), has_aux=True)
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     params = state["params"]
@@ -82,7 +88,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         return jax.tree.map(jnp.add, carry, (s, g)), None
 
       zero = (jax.eval_shape(lambda: loss_sums(params, graphdef, jax.tree.map(
-          lambda x: x[: x.shape[0] // microbatches], batch), vocab)[1]),
+          lambda x: x[: x.shape[0] // microbatches], batch), vocab, num_tasks=num_tasks)[1]),
               jax.tree.map(jnp.zeros_like, params))
       zero = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero[0]), zero[1])
       (sums, grads), _ = jax.lax.scan(micro, zero, _split_micro(batch, microbatches))
@@ -96,6 +102,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         "loss_speech": jnp.where(sums["weight_speech"] > 0,
                                  sums["loss_speech"] / jnp.maximum(sums["weight_speech"], 1),
                                  jnp.nan),
+        "loss_tasks": jnp.where(sums["weight_tasks"] > 0,
+                                sums["loss_tasks"] / jnp.maximum(sums["weight_tasks"], 1),
+                                jnp.nan),
         "grad_norm": grad_norm,
         "lr": schedule(state["step"]),
         "tokens": jnp.sum(batch["segment_ids"] > 0),  # real tokens: padding has segment 0

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 from etils import epath
 
-from data_pipelines import text_input
+from data_pipelines import mixture_input, text_input
 from sptlm import config as config_lib
 from sptlm import paths, sharding
 from sptlm.config import Config
@@ -37,15 +37,11 @@ def train(cfg: Config, workdir: str) -> dict[str, Any]:
   stop = StopSignal(mesh)  # from here on, a preemption during start-up also ends in a checkpoint
 
   # ---- Input -------------------------------------------------------------------------------
-  data_iter, stats = text_input.corpus_batches(
-      paths.resolve(dcfg.corpus), paths.resolve(cfg.vocab.text_tokenizer),
-      text_size=cfg.vocab.text_size, seq_len=dcfg.seq_len,
-      global_batch=dcfg.global_batch_size, num_shards=dcfg.num_shards,
-      packing_bins=dcfg.packing_bins, seed=tcfg.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+  data_iter, stats = _input(cfg)
 
   # ---- Program: model, optimizer, shardings, step ------------------------------------------
-  program = program_lib.build(cfg, mesh)
+  task_names = getattr(stats, "task_names", ("text",))
+  program = program_lib.build(cfg, mesh, task_names)
 
   # ---- Restore or initialise ---------------------------------------------------------------
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=tcfg.keep_checkpoints,
@@ -81,6 +77,8 @@ def train(cfg: Config, workdir: str) -> dict[str, Any]:
            "grad_norm": m["grad_norm"], "lr": m["lr"], "tokens_per_s": rates["tokens_per_s"],
            "padded_tokens_per_s": padded,
            "mfu": padded / tokens_per_step * step_flops / total_peak}
+    if len(task_names) > 1:
+      row.update({f"loss_task_{n}": v for n, v in zip(task_names, m["loss_tasks"])})
     return row, {"loss": f"{float(m['loss']):.4f}", "tok_s": f"{rates['tokens_per_s']:,.0f}"}
 
   return loop.run(tcfg, workdir, config_json, program=program, state=state,
@@ -90,7 +88,31 @@ def train(cfg: Config, workdir: str) -> dict[str, Any]:
                   report=report)
 
 
-def _summary(cfg: Config, program: program_lib.Program, stats: text_input.CorpusStats,
+def _input(cfg: Config) -> tuple[Any, Any]:
+  """(this host's batch iterator, its statistics): the materialized mixture when data.shards
+  is set, else the text corpus."""
+  d = cfg.data
+  common = dict(seq_len=d.seq_len, global_batch=d.global_batch_size, num_shards=d.num_shards,
+                packing_bins=d.packing_bins, seed=cfg.train.seed,
+                process_index=jax.process_index(), process_count=jax.process_count())
+  if d.shards:
+    return mixture_input.shard_batches(str(paths.resolve(d.shards)), rates=dict(d.rates),
+                                       workers=d.workers, **common, vocab_sizes=(
+                                           cfg.vocab.text_size, cfg.vocab.speech_size))
+  return text_input.corpus_batches(paths.resolve(d.corpus), paths.resolve(cfg.vocab.text_tokenizer),
+                                   text_size=cfg.vocab.text_size, **common)
+
+
+def _data_line(stats: Any) -> str:
+  if isinstance(stats, mixture_input.MixtureStats):
+    shares = ", ".join(f"{n} {stats.token_shares[n]:.0%}" for n in stats.task_names)
+    return (f"{sum(stats.examples.values()):,} examples, {stats.tokens:,} tokens in "
+            f"{len(stats.task_names)} tasks (token shares: {shares})")
+  return (f"{stats.documents:,} documents ({stats.skipped_empty} empty skipped), "
+          f"{stats.tokens:,} tokens, {stats.examples:,} examples")
+
+
+def _summary(cfg: Config, program: program_lib.Program, stats: Any,
              workdir: str, start_step: int, peak: tuple[float, str]) -> str:
   d = cfg.data
   mesh = ", ".join(f"{k}={v}" for k, v in program.mesh.shape.items())
@@ -103,8 +125,7 @@ def _summary(cfg: Config, program: program_lib.Program, stats: text_input.Corpus
       f"  batch           {d.global_batch_size} x {d.seq_len} = "
       f"{d.global_batch_size * d.seq_len:,} tokens per step, {cfg.train.microbatches} "
       f"micro-batch(es)",
-      f"  data            {stats.documents:,} documents ({stats.skipped_empty} empty skipped), "
-      f"{stats.tokens:,} tokens, {stats.examples:,} examples",
+      f"  data            {_data_line(stats)}",
       f"  steps           {start_step} -> {cfg.train.steps}",
       f"  peak FLOP/s     {peak[0]:.3g} per device, {peak[1]}",
       f"  checkpoints     {epath.Path(workdir) / 'checkpoints'}",

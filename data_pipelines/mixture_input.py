@@ -1,0 +1,179 @@
+"""Training input from materialized shards: a grain mixture of the tasks, packed and batched.
+
+Per data stream (data.num_shards of them; host p owns a contiguous range, as in text_input):
+  each task's records, stream s taking records s, s + S, s + 2S, ... of the task (ArrayRecord
+  reads by index, so a host reads only its own records), shuffled, repeated
+  -> grain.MapDataset.mix with per-example weights that give each task its token share
+  -> every example cut into pieces of at most seq_len + 1 tokens (shifted by one)
+  -> first-fit packed to seq_len (segment ids, positions) -> batched
+  -> optionally data.workers grain worker processes (mp_prefetch)
+A batch has the text input's fields plus "tasks": the task (1-based index in `task_names`) of
+every target position, 0 on padding, from which the train step reports a loss per task.
+
+The iterator state (mixture position and packing buffers, per stream) goes into the
+checkpoint. The mixture's state is a position, so resuming with other rates continues without
+error (from the same position of the re-weighted mixture).
+"""
+
+import dataclasses
+import json
+from typing import Any
+
+import grain
+import numpy as np
+from etils import epath
+
+from data_pipelines import mixture, records
+from data_pipelines.text_input import ShardedBatches
+from sptlm.errors import InputError, MissingFileError
+
+FIELDS = ("inputs", "targets", "weights", "tasks")
+# Records are local and cheap to decode: grain's default 16 read threads and 500-element
+# prefetch cost 4x the work itself (polling futures) on a 2-core machine. Parallelism, when
+# needed, comes from data.workers processes.
+READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureStats:
+  task_names: tuple[str, ...]
+  token_shares: dict[str, float]  # the rates, normalised
+  example_weights: dict[str, float]  # sampling probabilities that give those token shares
+  examples: dict[str, int]
+  tokens: int
+
+
+def read_stats(shards_dir: str) -> dict[str, Any]:
+  path = epath.Path(shards_dir) / "stats.json"
+  if not path.exists():
+    raise MissingFileError(f"{path} not found: data.shards must be the --output of a finished "
+                           "`sptlm data materialize`")
+  try:
+    return json.loads(path.read_text())
+  except ValueError:
+    raise InputError(f"{path} is not JSON; re-run `sptlm data materialize` into it") from None
+
+
+def task_files(shards_dir: str, name: str, shards: int) -> list[str]:
+  files = [epath.Path(shards_dir) / name / f"{name}-{s:05d}-of-{shards:05d}.array_record"
+           for s in range(shards)]
+  missing = [f for f in files if not f.exists()]
+  if missing:
+    raise MissingFileError(f"shard {missing[0]} is missing ({len(missing)} of {shards} of task "
+                           f"{name}); re-run `sptlm data materialize` to write it")
+  return [str(f) for f in files]
+
+
+class _Decode(grain.transforms.Map):
+  def __init__(self, task: int):
+    self.task = task
+
+  def map(self, record: bytes) -> dict[str, np.ndarray]:
+    ids, weights = records.decode(record, f"a record of task {self.task}")
+    return {"ids": ids, "weights": weights, "task": np.int32(self.task)}
+
+
+class _Split(grain.experimental.FlatMapTransform):
+  """An example -> pieces of at most seq_len + 1 tokens overlapping by one, shifted by one."""
+
+  def __init__(self, seq_len: int):
+    self.seq_len = seq_len
+    self.max_fan_out = 1 << 20
+
+  def flat_map(self, ex: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    ids, w, n = ex["ids"], ex["weights"], len(ex["ids"])
+    out = []
+    for start in range(0, n - 1, self.seq_len):
+      end = min(start + self.seq_len + 1, n)
+      if end - start < 2:
+        continue
+      out.append({"inputs": ids[start:end - 1], "targets": ids[start + 1:end],
+                  "weights": w[start + 1:end].astype(np.float32),
+                  "tasks": np.full(end - start - 1, ex["task"], np.int32)})
+    return out
+
+
+def _to_batch_fields(ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {"inputs": ex["inputs"], "targets": ex["targets"], "weights": ex["weights"],
+          "tasks": ex["tasks"], "segment_ids": ex["inputs_segment_ids"].astype(np.int32),
+          "positions": ex["inputs_positions"].astype(np.int32)}
+
+
+def stream(sources: list[grain.sources.ArrayRecordDataSource], weights: list[float], *,
+           stream_index: int, num_streams: int, seq_len: int, batch: int, packing_bins: int,
+           seed: int, workers: int = 0) -> grain.IterDataset:
+  """One data stream: its records of every task, mixed, split, packed and batched."""
+  parts = []
+  for t, src in enumerate(sources):
+    ds = grain.MapDataset.source(src).slice(slice(stream_index, None, num_streams))
+    parts.append(ds.shuffle(seed=seed + 7919 * t).repeat(None).map(_Decode(t + 1)))
+  mixed = grain.MapDataset.mix(parts, weights) if len(parts) > 1 else parts[0]
+  ds = grain.experimental.FlatMapIterDataset(mixed.to_iter_dataset(READ), _Split(seq_len))
+  ds = grain.experimental.FirstFitPackIterDataset(
+      ds, length_struct={k: seq_len for k in FIELDS}, num_packing_bins=max(packing_bins, batch),
+      seed=seed, shuffle_bins=True)
+  ds = ds.map(_to_batch_fields).batch(batch, drop_remainder=True)
+  if workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return ds
+
+
+def check_vocab(shards_dir: str, text_size: int, speech_size: int) -> None:
+  """The shards' ids must mean what the model's vocabulary says (manifest.json's vocab)."""
+  path = epath.Path(shards_dir) / "manifest.json"
+  try:
+    vocab = json.loads(path.read_text())["config"]["vocab"]
+  except FileNotFoundError:
+    raise MissingFileError(f"{path} not found: data.shards must be a `sptlm data materialize` "
+                           "output") from None
+  except (ValueError, KeyError, TypeError):
+    raise InputError(f"{path} is not a materialization manifest; re-materialize") from None
+  have = (vocab["text_size"], vocab["speech_size"])
+  if have != (text_size, speech_size):
+    raise InputError(f"{shards_dir} was materialized for vocab.text_size={have[0]}, "
+                     f"vocab.speech_size={have[1]} but the model has {text_size}, "
+                     f"{speech_size}; set the model's vocab to match or re-materialize")
+
+
+def shard_batches(shards_dir: str, *, rates: dict[str, float] | None, seq_len: int,
+                  global_batch: int, num_shards: int, packing_bins: int, seed: int,
+                  vocab_sizes: tuple[int, int] | None = None, workers: int = 0,
+                  process_index: int = 0,
+                  process_count: int = 1) -> tuple[ShardedBatches, MixtureStats]:
+  """This host's rows of each global batch from a materialized directory's tasks.
+
+  `rates` ({task: token share}) overrides the rates the data config gave at materialization
+  for the tasks it names; rate 0 leaves a task out.
+  """
+  if num_shards % process_count or global_batch % num_shards:
+    raise InputError(f"data.num_shards={num_shards} must be a multiple of the {process_count} "
+                     f"processes and divide data.global_batch_size={global_batch}")
+  if vocab_sizes is not None:
+    check_vocab(shards_dir, *vocab_sizes)
+  stats = read_stats(shards_dir)["tasks"]
+  unknown = sorted(set(rates or {}) - set(stats))
+  if unknown:
+    raise InputError(f"data.rates names task {unknown[0]!r}, which {shards_dir} does not hold "
+                     f"(it has: {', '.join(stats)})")
+  chosen = {k: float((rates or {}).get(k, t["rate"])) for k, t in stats.items()}
+  chosen = {k: r for k, r in chosen.items() if r > 0}
+  if not chosen:
+    raise InputError("data.rates gives every task rate 0; give at least one a positive rate")
+  for name in chosen:
+    if stats[name]["examples"] < num_shards:
+      raise InputError(f"task {name} in {shards_dir} has {stats[name]['examples']} examples, "
+                       f"fewer than data.num_shards={num_shards}")
+  names = tuple(chosen)
+  weights = mixture.example_weights(chosen, {k: stats[k]["tokens per example"] for k in names})
+  sources = [grain.sources.ArrayRecordDataSource(task_files(shards_dir, k, stats[k]["shards"]))
+             for k in names]
+  per_host = num_shards // process_count
+  owned = range(process_index * per_host, (process_index + 1) * per_host)
+  streams = {s: stream(sources, [weights[k] for k in names], stream_index=s,
+                       num_streams=num_shards, seq_len=seq_len, batch=global_batch // num_shards,
+                       packing_bins=packing_bins, seed=seed * 1_000_003 + s, workers=workers)
+             for s in owned}
+  summary = MixtureStats(names, mixture.token_shares(chosen), weights,
+                         {k: stats[k]["examples"] for k in names},
+                         int(sum(stats[k]["tokens"] for k in names)))
+  return ShardedBatches(streams), summary
