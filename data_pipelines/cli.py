@@ -10,8 +10,15 @@ from sptlm import paths
 DEFAULT_CONFIG = "configs/data_tiny.py"
 
 
-def cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+def _environment() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's start-up chatter
+  # gs:// through gcsfs (etils would pick tf.io.gfile once TensorFlow is importable): one
+  # client for every path, and it honours STORAGE_EMULATOR_HOST
+  os.environ.setdefault("EPATH_USE_TF", "false")
+
+
+def cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  _environment()
   from data_pipelines import config as config_lib
   from data_pipelines import inspect as inspect_lib
   cfg = config_lib.load(paths.resolve(args.config), list(overrides))
@@ -21,7 +28,7 @@ def cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def cmd_materialize(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  _environment()
   if not args.verbose:
     for name in ("apache_beam", "root", "absl", "sptlm.t2t.synthesize"):
       logging.getLogger(name).setLevel(logging.WARNING)

@@ -33,6 +33,7 @@ class DataVocabConfig:
   text_tokenizer: str  # SentencePiece .model or a Hugging Face tokenizer folder
   text_size: int  # the tokenizer's ids, up to padding (checked)
   speech_size: int  # the speech tokenizer's codebook
+  speech_tokenizer: str = ""  # a `sptlm tokenizer train` work dir: tokenizes audio records
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,15 +11,14 @@ examples through the same grain mixture the trainer uses.
 """
 
 import collections
-import itertools
 from typing import Any
 
 import grain
 import numpy as np
 
 from data_pipelines import mixture, sources
-from data_pipelines.config import TEXT_KINDS, DataPipelineConfig, TaskSpec
-from data_pipelines.examples import ExampleBuilder
+from data_pipelines.config import DataPipelineConfig, TaskSpec
+from data_pipelines.examples import ExampleBuilder, task_items
 from data_pipelines.seqio_vocab import SpeechTextVocabulary
 
 
@@ -32,12 +31,8 @@ def _histogram(values: list[int], edges: tuple[int, ...] = (1, 5, 9, 13, 17, 21,
 def _items(task: TaskSpec, cfg: DataPipelineConfig, limit: int,
            skipped: collections.Counter) -> list[Any]:
   """The task's first `limit` usable items; the unusable ones before them counted."""
-  def read(name: str):
-    if task.kind in TEXT_KINDS:
-      return sources.file_documents(name)
-    return sources.file_token_records(name, cfg.vocab.speech_size, task.kind != "speech")
   out = []
-  for item in itertools.chain.from_iterable(read(f) for f in task.files):
+  for item in task_items(task, cfg.vocab.speech_size):
     if len(out) >= limit:
       break
     if isinstance(item, sources.Skipped):

@@ -16,18 +16,17 @@ Output directory:
   TASK/TASK-00003-of-00008.array_record   one example per record (records.py)
   TASK/TASK-00003-of-00008.stats.json     that shard's counts (tokens, speech, skipped)
   stats.json                    every shard's counts summed per task, and tokens per example
-A shard is written under a temporary name and renamed when complete, so a killed run keeps
-every finished shard and leaves no partial one under a final name; a re-run skips finished
-shards.
+A shard is written under a temporary name and renamed when complete (on gs://: uploaded in
+one piece, which is atomic), so a killed run keeps every finished shard and leaves no partial
+one under a final name; a re-run skips finished shards.
 """
 
-import collections
 import dataclasses
 import hashlib
 import json
 import logging
 import os
-import sys
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -36,9 +35,8 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from etils import epath
-from tqdm import tqdm
 
-from data_pipelines import records, sources
+from data_pipelines import examples, sources
 from data_pipelines.config import TEXT_KINDS, DataPipelineConfig, TaskSpec
 from sptlm.errors import InputError
 
@@ -96,25 +94,29 @@ def _read_file(element: tuple[int, int], cfg: DataPipelineConfig,
       yield (task.name, shard), (file_index, i, item)
 
 
-def _write_array_record(final: epath.Path, payloads: Sequence[bytes]) -> None:
-  """Writes under a temporary name next to `final` (a local temp file first for gs://), then
-  renames: the final name only ever holds a complete shard."""
+def _write_array_record(final: epath.Path, payloads: Iterable[bytes]) -> None:
+  """Writes under a temporary name next to `final`, then renames: the final name only ever
+  holds a complete shard. On gs:// the shard is written to a local temporary file and uploaded
+  to its final name in one upload: an object appears only once its upload completes."""
   from array_record.python.array_record_module import ArrayRecordWriter
-  local_dir = str(final.parent) if not str(final).startswith("gs://") else tempfile.gettempdir()
+  remote = "://" in str(final)
+  local_dir = tempfile.gettempdir() if remote else str(final.parent)
   local = os.path.join(local_dir, f".tmp-{final.name}-{uuid.uuid4().hex}")
-  writer = ArrayRecordWriter(local, "group_size:1")
   try:
-    for p in payloads:
-      writer.write(p)
+    writer = ArrayRecordWriter(local, "group_size:1")
+    try:
+      for p in payloads:
+        writer.write(p)
+    finally:
+      writer.close()
+    if remote:
+      with open(local, "rb") as src, final.open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 24)
+    else:
+      os.replace(local, final)
   finally:
-    writer.close()
-  if str(final).startswith("gs://"):
-    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex}"
-    epath.Path(local).copy(tmp)
-    os.remove(local)
-    tmp.rename(final)
-  else:
-    os.replace(local, final)
+    if os.path.exists(local):
+      os.remove(local)
 
 
 class BuildShard(beam.DoFn):
@@ -132,35 +134,14 @@ class BuildShard(beam.DoFn):
   def process(self, element: tuple[tuple[str, int], Iterable[tuple]]) -> Iterator[str]:
     (task_name, shard), items = element
     task = next(t for t in self.cfg.tasks if t.name == task_name)
-    items = sorted(items, key=lambda x: (x[0], x[1]))
-    counts: collections.Counter = collections.Counter()
-    skipped: collections.Counter = collections.Counter()
-    payloads: list[bytes] = []
-    usable = []
-    for _, _, item in items:
-      if isinstance(item, sources.Skipped):
-        skipped[item.reason] += 1
-      else:
-        usable.append(item)
-    size = self.cfg.interleave.batch
     final = shard_path(epath.Path(self.output), task, shard)
-    bar = tqdm(total=len(usable), desc=final.stem, unit="item", leave=False,
-               mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    for start in range(0, len(usable), size):
-      bar.update(len(usable[start:start + size]))
-      for b in self.builder.build(task.kind, usable[start:start + size]):
-        if isinstance(b, str):
-          skipped[b] += 1
-          continue
-        payloads.append(records.encode(b.ids, b.weights))
-        counts.update(self.builder.stats(b))
-        counts["max example tokens"] = max(counts["max example tokens"], len(b.ids))
-    bar.close()
-    stats = {"task": task.name, "shard": shard, "items": len(items), **counts,
-             "skipped": dict(sorted(skipped.items()))}
+    items = [item for _, _, item in sorted(items, key=lambda x: (x[0], x[1]))]
+    payloads, stats = examples.build_records(self.builder, task, items, self.cfg.interleave.batch,
+                                    final.stem)
+    stats = {"task": task.name, "shard": shard, **stats}
     final.with_suffix(".stats.json").write_text(json.dumps(stats, indent=1))
     _write_array_record(final, payloads)
-    log.info("wrote %s: %d examples", final.name, counts["examples"])
+    log.info("wrote %s: %d examples", final.name, stats.get("examples", 0))
     yield final.name
 
 
@@ -170,23 +151,9 @@ def empty_shard_stats(task: TaskSpec, shard: int) -> dict[str, Any]:
 
 def summarize(output: epath.Path, cfg: DataPipelineConfig) -> dict[str, Any]:
   """stats.json: the shards' statistics summed per task (and tokens per example)."""
-  tasks: dict[str, Any] = {}
-  for task in cfg.tasks:
-    total: collections.Counter = collections.Counter()
-    skipped: collections.Counter = collections.Counter()
-    max_tokens = 0
-    for s in range(task.shards):
-      st = json.loads(shard_path(output, task, s).with_suffix(".stats.json").read_text())
-      skipped.update(st.pop("skipped"))
-      max_tokens = max(max_tokens, st.pop("max example tokens", 0))
-      total.update({k: v for k, v in st.items() if isinstance(v, int) and k != "shard"})
-    t = {"kind": task.kind, "rate": task.rate, "shards": task.shards, **dict(total),
-         "max example tokens": max_tokens, "skipped": dict(sorted(skipped.items()))}
-    t["tokens per example"] = total["tokens"] / total["examples"] if total["examples"] else 0.0
-    if total["spans"]:
-      t["span length mean"] = total["lm tokens spoken"] / total["spans"]
-      t["spoken fraction"] = total["lm tokens spoken"] / total["lm tokens"]
-    tasks[task.name] = t
+  tasks = {task.name: examples.task_summary(task, [
+      json.loads(shard_path(output, task, s).with_suffix(".stats.json").read_text())
+      for s in range(task.shards)]) for task in cfg.tasks}
   stats = {"format": FORMAT, "tasks": tasks}
   (output / "stats.json").write_text(json.dumps(stats, indent=1))
   return stats

@@ -1,5 +1,8 @@
 """Training input from materialized shards: a grain mixture of the tasks, packed and batched.
 
+(For small runs, `data.shards` may name a data config file instead: its tasks are built in
+the training process by the materializer's own code, and fed the same way.)
+
 Per data stream (data.num_shards of them; host p owns a contiguous range, as in text_input):
   each task's records, stream s taking records s, s + S, s + 2S, ... of the task (ArrayRecord
   reads by index, so a host reads only its own records), shuffled, repeated
@@ -15,8 +18,10 @@ checkpoint. The mixture's state is a position, so resuming with other rates cont
 error (from the same position of the re-weighted mixture).
 """
 
+import collections
 import dataclasses
 import json
+import logging
 from typing import Any
 
 import grain
@@ -25,8 +30,10 @@ from etils import epath
 
 from data_pipelines import mixture, records
 from data_pipelines.text_input import ShardedBatches
+from data_pipelines.vocabulary import Vocabulary
 from sptlm.errors import InputError, MissingFileError
 
+log = logging.getLogger("sptlm.data")
 FIELDS = ("inputs", "targets", "weights", "tasks")
 # Records are local and cheap to decode: grain's default 16 read threads and 500-element
 # prefetch cost 4x the work itself (polling futures) on a 2-core machine. Parallelism, when
@@ -64,13 +71,33 @@ def task_files(shards_dir: str, name: str, shards: int) -> list[str]:
   return [str(f) for f in files]
 
 
-class _Decode(grain.transforms.Map):
-  def __init__(self, task: int):
-    self.task = task
+SKIPPED: collections.Counter = collections.Counter()  # damaged records met in this process
 
-  def map(self, record: bytes) -> dict[str, np.ndarray]:
-    ids, weights = records.decode(record, f"a record of task {self.task}")
+
+class _Decode(grain.transforms.Map):
+  """Record -> example; a damaged record or one with ids outside the vocabulary is skipped
+  (None, filtered next), counted in SKIPPED and logged, never fed as wrong tokens."""
+
+  def __init__(self, task: int, name: str, vocab_size: int | None):
+    self.task, self.name, self.vocab_size = task, name, vocab_size
+
+  def map(self, record: bytes) -> dict[str, np.ndarray] | None:
+    try:
+      ids, weights = records.decode(record, f"a record of task {self.name}")
+    except InputError as e:
+      return self._skip("damaged records", str(e))
+    if self.vocab_size is not None and len(ids) and (ids.min() < 0 or
+                                                     ids.max() >= self.vocab_size):
+      return self._skip("records with ids outside the vocabulary",
+                        f"a record of task {self.name} has ids outside [0, {self.vocab_size})")
     return {"ids": ids, "weights": weights, "task": np.int32(self.task)}
+
+  def _skip(self, reason: str, detail: str) -> None:
+    SKIPPED[f"{self.name}: {reason}"] += 1
+    if SKIPPED[f"{self.name}: {reason}"] <= 10:
+      log.warning("skipping %s (%d so far); re-materialize the task", detail,
+                  SKIPPED[f"{self.name}: {reason}"])
+    return None
 
 
 class _Split(grain.experimental.FlatMapTransform):
@@ -99,14 +126,15 @@ def _to_batch_fields(ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
           "positions": ex["inputs_positions"].astype(np.int32)}
 
 
-def stream(sources: list[grain.sources.ArrayRecordDataSource], weights: list[float], *,
-           stream_index: int, num_streams: int, seq_len: int, batch: int, packing_bins: int,
-           seed: int, workers: int = 0) -> grain.IterDataset:
+def stream(sources: list[Any], names: list[str], weights: list[float], *, stream_index: int,
+           num_streams: int, seq_len: int, batch: int, packing_bins: int, seed: int,
+           vocab_size: int | None = None, workers: int = 0) -> grain.IterDataset:
   """One data stream: its records of every task, mixed, split, packed and batched."""
   parts = []
   for t, src in enumerate(sources):
     ds = grain.MapDataset.source(src).slice(slice(stream_index, None, num_streams))
-    parts.append(ds.shuffle(seed=seed + 7919 * t).repeat(None).map(_Decode(t + 1)))
+    parts.append(ds.shuffle(seed=seed + 7919 * t).repeat(None)
+                 .map(_Decode(t + 1, names[t], vocab_size)).filter(lambda e: e is not None))
   mixed = grain.MapDataset.mix(parts, weights) if len(parts) > 1 else parts[0]
   ds = grain.experimental.FlatMapIterDataset(mixed.to_iter_dataset(READ), _Split(seq_len))
   ds = grain.experimental.FirstFitPackIterDataset(
@@ -135,12 +163,30 @@ def check_vocab(shards_dir: str, text_size: int, speech_size: int) -> None:
                      f"{speech_size}; set the model's vocab to match or re-materialize")
 
 
+def build_in_memory(config_path: str) -> tuple[dict[str, Any], dict[str, list[bytes]],
+                                                tuple[int, int]]:
+  """(stats.json's tasks, records per task, (text_size, speech_size)) of a data config's
+  tasks, built here with the materializer's own code: the same records, without Beam."""
+  from data_pipelines import config as data_config
+  from data_pipelines import examples
+  cfg = data_config.load(config_path)
+  builder = examples.ExampleBuilder(cfg)
+  stats, built = {}, {}
+  for task in cfg.tasks:
+    items = list(examples.task_items(task, cfg.vocab.speech_size))
+    built[task.name], st = examples.build_records(builder, task, items, cfg.interleave.batch,
+                                                  task.name)
+    stats[task.name] = examples.task_summary(task, [st])
+  return stats, built, (cfg.vocab.text_size, cfg.vocab.speech_size)
+
+
 def shard_batches(shards_dir: str, *, rates: dict[str, float] | None, seq_len: int,
                   global_batch: int, num_shards: int, packing_bins: int, seed: int,
                   vocab_sizes: tuple[int, int] | None = None, workers: int = 0,
                   process_index: int = 0,
                   process_count: int = 1) -> tuple[ShardedBatches, MixtureStats]:
-  """This host's rows of each global batch from a materialized directory's tasks.
+  """This host's rows of each global batch from a materialized directory's tasks, or (for
+  small runs) straight from a data config's tasks, built in this process (`shards_dir` a .py).
 
   `rates` ({task: token share}) overrides the rates the data config gave at materialization
   for the tasks it names; rate 0 leaves a task out.
@@ -148,9 +194,20 @@ def shard_batches(shards_dir: str, *, rates: dict[str, float] | None, seq_len: i
   if num_shards % process_count or global_batch % num_shards:
     raise InputError(f"data.num_shards={num_shards} must be a multiple of the {process_count} "
                      f"processes and divide data.global_batch_size={global_batch}")
-  if vocab_sizes is not None:
-    check_vocab(shards_dir, *vocab_sizes)
-  stats = read_stats(shards_dir)["tasks"]
+  if "://" in shards_dir:
+    raise InputError(f"data.shards={shards_dir}: ArrayRecord shards are read from a local or "
+                     "mounted directory; mount the bucket (gcsfuse, as TPU VMs do) and give "
+                     "that path")
+  if shards_dir.endswith(".py"):
+    stats, built, have = build_in_memory(shards_dir)
+    if vocab_sizes is not None and have != tuple(vocab_sizes):
+      raise InputError(f"data config {shards_dir} has vocab.text_size={have[0]}, "
+                       f"vocab.speech_size={have[1]} but the model has {vocab_sizes[0]}, "
+                       f"{vocab_sizes[1]}; set the model's vocab to match")
+  else:
+    if vocab_sizes is not None:
+      check_vocab(shards_dir, *vocab_sizes)
+    stats, built = read_stats(shards_dir)["tasks"], None
   unknown = sorted(set(rates or {}) - set(stats))
   if unknown:
     raise InputError(f"data.rates names task {unknown[0]!r}, which {shards_dir} does not hold "
@@ -165,13 +222,16 @@ def shard_batches(shards_dir: str, *, rates: dict[str, float] | None, seq_len: i
                        f"fewer than data.num_shards={num_shards}")
   names = tuple(chosen)
   weights = mixture.example_weights(chosen, {k: stats[k]["tokens per example"] for k in names})
-  sources = [grain.sources.ArrayRecordDataSource(task_files(shards_dir, k, stats[k]["shards"]))
+  sources = [built[k] if built else
+             grain.sources.ArrayRecordDataSource(task_files(shards_dir, k, stats[k]["shards"]))
              for k in names]
   per_host = num_shards // process_count
   owned = range(process_index * per_host, (process_index + 1) * per_host)
-  streams = {s: stream(sources, [weights[k] for k in names], stream_index=s,
+  vocab_size = Vocabulary(*vocab_sizes).size if vocab_sizes else None
+  streams = {s: stream(sources, list(names), [weights[k] for k in names], stream_index=s,
                        num_streams=num_shards, seq_len=seq_len, batch=global_batch // num_shards,
-                       packing_bins=packing_bins, seed=seed * 1_000_003 + s, workers=workers)
+                       packing_bins=packing_bins, seed=seed * 1_000_003 + s,
+                       vocab_size=vocab_size, workers=workers)
              for s in owned}
   summary = MixtureStats(names, mixture.token_shares(chosen), weights,
                          {k: stats[k]["examples"] for k in names},

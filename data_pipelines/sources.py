@@ -13,6 +13,7 @@ Speech-only, ASR and TTS records are laid out as (the paper leaves it open; READ
 import collections
 import dataclasses
 import json
+import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -39,8 +40,37 @@ def _read_text(name: str) -> str | Skipped:
     return Skipped("non-UTF-8 files")
 
 
+def tfds_documents(spec: str) -> Iterator[str | Skipped]:
+  """`tfds:NAME[/CONFIG][:SPLIT[:FEATURE]]` (split `train`, feature `text` by default): the
+  documents of a prepared TFDS dataset, under TFDS_DATA_DIR or TFDS's default directory (no
+  download at run time)."""
+  import tensorflow_datasets as tfds
+  name, split, feature = (spec.removeprefix("tfds:").split(":") + ["train", "text"])[:3]
+  try:
+    ds = tfds.load(name, split=split, download=False, shuffle_files=False,
+                   data_dir=os.environ.get("TFDS_DATA_DIR") or None)
+  except (tfds.core.registered.DatasetNotFoundError, AssertionError, ValueError, OSError):
+    yield Skipped("missing TFDS datasets (prepare them first; nothing is downloaded)")
+    return
+  for ex in tfds.as_numpy(ds):
+    value = ex.get(feature) if isinstance(ex, dict) else None
+    if not isinstance(value, bytes):
+      yield Skipped(f"TFDS examples without a text feature {feature!r}")
+      continue
+    try:
+      doc = value.decode("utf-8")
+    except UnicodeDecodeError:
+      yield Skipped("non-UTF-8 documents")
+      continue
+    yield doc if doc.strip() else Skipped("empty documents")
+
+
 def file_documents(name: str) -> Iterator[str | Skipped]:
-  """The documents of one file, in order, with a Skipped for each unusable line or file."""
+  """The documents of one file (or `tfds:` dataset), in order, with a Skipped for each
+  unusable line or file."""
+  if name.startswith("tfds:"):
+    yield from tfds_documents(name)
+    return
   text = _read_text(name)
   if isinstance(text, Skipped):
     yield text
@@ -70,42 +100,60 @@ def read_documents(files: Sequence[str]) -> Iterator[str]:
         yield doc
 
 
-def file_token_records(name: str, speech_size: int,
-                       need_text: bool) -> Iterator[tuple[str, np.ndarray] | Skipped]:
+@dataclasses.dataclass(frozen=True)
+class AudioFile:
+  """A record's audio, to be tokenized by the speech tokenizer (vocab.speech_tokenizer)."""
+  path: str
+
+
+def file_token_records(name: str, speech_size: int, need_text: bool
+                       ) -> Iterator[tuple[str, np.ndarray | AudioFile] | Skipped]:
   """(text, raw codes) per JSON line of one file: `sptlm tokenizer encode` output
-  ({"tokens"}), `sptlm t2t synthesize` output or TTS pairs ({"text", "tokens"}); a Skipped for
-  each unreadable line, codes outside [0, speech_size) and (when `need_text`) empty texts."""
+  ({"tokens"}), `sptlm t2t synthesize` output or TTS pairs ({"text", "tokens"}); or
+  (text, AudioFile) for an audio manifest line ({"audio"[, "text"]}, the path absolute or
+  relative to the manifest's folder, e.g. a `sptlm tokenizer build-corpus` manifest). A
+  Skipped for each unreadable line, codes outside [0, speech_size) and (when `need_text`)
+  empty texts."""
   text = _read_text(name)
   if isinstance(text, Skipped):
     yield text
     return
+  folder = epath.Path(name).parent
   for line in text.splitlines():
     if not line.strip():
       continue
     try:
       rec = json.loads(line)
-      codes = np.asarray(rec["tokens"], np.int64).reshape(-1)
+      if "tokens" not in rec and isinstance(rec.get("audio"), str):
+        codes = AudioFile(str(folder / rec["audio"]))
+      else:
+        codes = np.asarray(rec["tokens"], np.int64).reshape(-1)
       words = rec.get("text", "") if need_text else ""
     except (ValueError, KeyError, TypeError, AttributeError):
       yield Skipped("unreadable lines")
       continue
-    if codes.size == 0:
+    if need_text and (not isinstance(words, str) or not words.strip()):
+      yield Skipped("records with an empty text")
+    elif isinstance(codes, AudioFile):
+      yield words, codes
+    elif codes.size == 0:
       yield Skipped("records without speech tokens")
     elif codes.min() < 0 or codes.max() >= speech_size:
       yield Skipped("records with speech codes outside the codebook")
-    elif need_text and (not isinstance(words, str) or not words.strip()):
-      yield Skipped("records with an empty text")
     else:
       yield words, codes.astype(np.int32)
 
 
 def read_token_records(files: Sequence[str], speech_size: int,
                        need_text: bool) -> Iterator[tuple[str, np.ndarray]]:
-  """file_token_records over `files`, the skipped ones counted in SOURCE_COUNTS."""
+  """file_token_records over `files`, the skipped ones counted in SOURCE_COUNTS (and audio
+  records: the seqio tasks read tokens; `sptlm data materialize` tokenizes audio)."""
   for name in files:
     for rec in file_token_records(name, speech_size, need_text):
       if isinstance(rec, Skipped):
         SOURCE_COUNTS[rec.reason] += 1
+      elif isinstance(rec[1], AudioFile):
+        SOURCE_COUNTS["audio records (materialize them to tokenize their audio)"] += 1
       else:
         yield rec
 

@@ -36,6 +36,9 @@ class TextTokenizer(Protocol):
 
   def eos_id(self) -> int | None: ...
 
+  def unk_id(self) -> int | None:
+    """The id text the tokenizer cannot represent becomes (None: byte-level, none needed)."""
+
 
 class SentencePieceTokenizer:
   def __init__(self, path: str):
@@ -68,6 +71,10 @@ class SentencePieceTokenizer:
   def eos_id(self) -> int | None:
     eos = self.sp.eos_id()
     return eos if eos >= 0 else None
+
+  def unk_id(self) -> int | None:
+    unk = self.sp.unk_id()
+    return unk if unk >= 0 else None
 
 
 class HuggingFaceTokenizer:
@@ -107,6 +114,10 @@ class HuggingFaceTokenizer:
 
   def eos_id(self) -> int | None:
     return self._eos
+
+  def unk_id(self) -> int | None:
+    unk = getattr(self.tok.model, "unk_token", None)
+    return self.tok.token_to_id(unk) if unk else None
 
 
 def load(path: str) -> TextTokenizer:

@@ -83,7 +83,8 @@ class DataConfig:
   global_batch_size: int
   packing_bins: int  # first-fit packing considers this many open sequences at once (per shard)
   num_shards: int  # independent data streams; hosts own contiguous shards (see text_input)
-  shards: str = ""  # an `sptlm data materialize --output` directory: the task mixture
+  shards: str = ""  # an `sptlm data materialize --output` directory (or, small runs: a data
+  #                   config .py, built in the training process): the task mixture
   rates: tuple[tuple[str, float], ...] = ()  # {task: token share} over the materialized rates
   workers: int = 0  # grain worker processes per host (0: in the training process)
 

@@ -80,9 +80,11 @@ def train(root: pathlib.Path) -> pathlib.Path:
 
 
 
-def data_config(path: pathlib.Path, t2t: pathlib.Path, tasks: str, batch: int = 8) -> pathlib.Path:
-  """Writes a data config (kind = "data") over the tiny SentencePiece model, the synthetic
-  language's K codes and the t2t model at `t2t`; `tasks` is the Python dict of its tasks."""
+def data_config(path: pathlib.Path, t2t: pathlib.Path | str, tasks: str, batch: int = 8,
+                speech_size: int = K, speech_tokenizer: pathlib.Path | str = "") -> pathlib.Path:
+  """Writes a data config (kind = "data") over the tiny SentencePiece model, `speech_size`
+  codes (the synthetic language's K by default) and the t2t model at `t2t`; `tasks` is the
+  Python dict of its tasks."""
   path.write_text(f'''
 import ml_collections
 def get_config():
@@ -90,7 +92,7 @@ def get_config():
   c.name = "data_test"
   c.kind = "data"
   c.vocab = dict(text_tokenizer="{ROOT / 'data_pipelines' / 'assets' / 'tiny_sp1024.model'}",
-                 text_size=1024, speech_size={K})
+                 text_size=1024, speech_size={speech_size}, speech_tokenizer="{speech_tokenizer}")
   c.interleave = dict(lam=10.0, eta=0.3, seed=0, t2t="{t2t}", batch={batch})
   c.tasks = {tasks}
   return c

@@ -171,6 +171,9 @@ def test_bad_shards_and_settings_are_one_line_errors(shards, tmp_path):
     _batches(out, 0, vocab_sizes=(1024, 512))
   with pytest.raises(MissingFileError, match="stats.json not found"):
     _batches(tmp_path, 0)
+  with pytest.raises(InputError, match="mount the bucket"):
+    mixture_input.shard_batches("gs://bkt/mixture", rates=None, seq_len=64, global_batch=4,
+                                num_shards=2, packing_bins=8, seed=0)
   with pytest.raises(InputError, match="not an sptlm example record"):
     records.decode(b"garbage", "shard x record 3")
   with pytest.raises(InputError, match="cut or damaged"):
@@ -209,3 +212,127 @@ def test_training_on_shards_logs_per_task_losses_and_resumes_exactly(shards, tmp
     assert a["loss"] == b["loss"] and a["loss_task_interleaved"] == b["loss_task_interleaved"]
   assert {f"loss_task_{n}" for n in ("text", "interleaved", "speech", "asr", "tts")} <= set(
       rows[0][-1])
+
+
+def test_damaged_records_and_ids_outside_the_vocabulary_are_skipped_and_counted(tmp_path):
+  """A shard with a cut record and one with ids past the vocabulary: training input skips
+  both (counted), and every batch holds only the good records' tokens."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+  good = [records.encode(np.arange(5, 25), np.ones(20)) for _ in range(6)]
+  bad = [records.encode(np.arange(5, 25), np.ones(20))[:-3],  # cut
+         records.encode(np.array([5, 6, 99_999]), np.ones(3))]  # outside the vocabulary
+  (tmp_path / "t").mkdir()
+  w = ArrayRecordWriter(str(tmp_path / "t" / "t-00000-of-00001.array_record"), "group_size:1")
+  for r in good[:3] + bad + good[3:]:
+    w.write(r)
+  w.close()
+  (tmp_path / "manifest.json").write_text(json.dumps(
+      {"config": {"vocab": {"text_size": 1024, "speech_size": K}}}))
+  (tmp_path / "stats.json").write_text(json.dumps({"tasks": {"t": {
+      "kind": "text", "rate": 1.0, "shards": 1, "examples": 8, "tokens": 123,
+      "tokens per example": 15.4}}}))
+  mixture_input.SKIPPED.clear()
+  batches, _ = _batches(tmp_path, 20, num_shards=1, vocab_sizes=(1024, K))
+  ids = np.concatenate([b["inputs"][b["segment_ids"] > 0] for b in batches])
+  assert ids.max() < 1024 + K + 16 and set(ids.tolist()) <= set(range(5, 25))
+  assert set(mixture_input.SKIPPED) == {"t: damaged records",
+                                       "t: records with ids outside the vocabulary"}
+  assert min(mixture_input.SKIPPED.values()) >= 1
+
+
+def test_small_runs_read_a_data_config_straight_with_the_same_records(shards):
+  """data.shards = a data config file: its tasks built in the training process give exactly
+  the materialized records and statistics, and batches of the same shape."""
+  from array_record.python.array_record_module import ArrayRecordReader
+  config, out = shards
+  stats, built, vocab = mixture_input.build_in_memory(str(config))
+  on_disk = json.loads((out / "stats.json").read_text())["tasks"]
+  assert vocab == (1024, K) and set(stats) == set(on_disk)
+  for name, records_in_memory in built.items():
+    for key in ("examples", "tokens", "speech tokens", "loss tokens", "skipped"):
+      assert stats[name][key] == on_disk[name][key], (name, key)
+    read = []
+    for f in sorted((out / name).glob("*.array_record")):
+      reader = ArrayRecordReader(str(f))
+      read += reader.read_all()
+      reader.close()
+    assert sorted(records_in_memory) == sorted(read)
+  batches, (_, summary) = _batches(pathlib.Path(str(config)), 2, vocab_sizes=(1024, K))
+  assert batches[0]["inputs"].shape == (4, 64) and len(summary.task_names) == 5
+
+
+def test_enormous_documents_are_cut_and_unknown_characters_counted(tmp_path):
+  """A document past max_chars is cut there (counted); text a tokenizer cannot represent is
+  counted (the shipped SentencePiece model falls back to bytes: nothing lost)."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+
+  from data_pipelines import config as config_lib
+  from data_pipelines.examples import ExampleBuilder
+  path = data_config(tmp_path / "text_only.py", tmp_path / "no_t2t",
+                     f'{{"t": dict(kind="text", files=("{tmp_path / "x.txt"}",), rate=1.0)}}')
+  builder = ExampleBuilder(config_lib.load(path), max_chars=100)
+  built = builder.build("text", ["word " * 200, "日本語 text"])
+  stats = [builder.stats(b) for b in built]
+  assert [s["documents cut to 100 characters"] for s in stats] == [1, 0]
+  assert len(built[0].ids) < 60  # 100 characters' tokens + EOS, not 1,000 characters'
+  assert stats[1]["unknown text tokens"] == 0  # byte fallback
+  assert builder.tokenizer.decode(built[1].ids[:-1].tolist()) == "日本語 text"
+
+  words = Tokenizer(models.WordLevel({"[UNK]": 0, "plain": 1, "text": 2, "</s>": 3},
+                                     unk_token="[UNK]"))
+  words.pre_tokenizer = pre_tokenizers.Whitespace()
+  (tmp_path / "hf").mkdir()
+  words.save(str(tmp_path / "hf" / "tokenizer.json"))
+  cfg = config_lib.load(path, [f"--config.vocab.text_tokenizer={tmp_path / 'hf'}",
+                               "--config.vocab.text_size=8"])
+  hf = ExampleBuilder(cfg)
+  b = hf.build("text", ["plain text 日本語 text"])[0]
+  assert hf.stats(b)["unknown text tokens"] == 1
+
+
+def test_gs_paths_really_work_against_a_gcs_emulator(tmp_path):
+  """Documents and token records read from gs://, shards and statistics written to gs://
+  (through etils and gcsfs), against a local GCS emulator; then the written stats read back."""
+  emulator = pytest.importorskip("gcp_storage_emulator.server")
+  import os
+  import socket
+  import subprocess
+  import sys
+  import urllib.parse
+  import urllib.request
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket="bkt")
+  server.start()
+  host = f"http://127.0.0.1:{port}"
+  try:
+    def put(name: str, data: bytes) -> None:
+      url = (f"{host}/upload/storage/v1/b/bkt/o?uploadType=media&name="
+             f"{urllib.parse.quote(name, safe='')}")
+      urllib.request.urlopen(urllib.request.Request(url, data=data, method="POST")).read()
+
+    def get(name: str) -> bytes:
+      return urllib.request.urlopen(
+          f"{host}/storage/v1/b/bkt/o/{urllib.parse.quote(name, safe='')}?alt=media").read()
+
+    put("in/docs.txt", "\n\n".join(_sentences(12, 5)).encode())
+    put("in/speech.jsonl", "\n".join(json.dumps({"tokens": _codes(t).tolist()})
+                                     for t in _sentences(10, 6)).encode())
+    config = data_config(tmp_path / "gs.py", tmp_path / "no_t2t", """{
+        "text": dict(kind="text", files=("gs://bkt/in/docs.txt",), rate=1.0, shards=2),
+        "speech": dict(kind="speech", files=("gs://bkt/in/speech.jsonl",), rate=1.0,
+                       shards=1)}""")
+    env = dict(os.environ, STORAGE_EMULATOR_HOST=host, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "sptlm.cli", "data", "materialize", "--config",
+                           str(config), "--output", "gs://bkt/out"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads(get("out/stats.json"))["tasks"]
+    assert stats["text"]["examples"] == 12 and stats["speech"]["examples"] == 10
+    shard = get("out/text/text-00001-of-00002.array_record")
+    assert len(shard) > 0
+    assert json.loads(get("out/manifest.json"))["format"] == "sptlm-shards-1"
+  finally:
+    server.stop()

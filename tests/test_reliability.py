@@ -265,7 +265,7 @@ def test_changed_config_stops_before_anything_is_touched(tmp_path):
   _, err = _train([*base, "--config.model.d_model=256"], env, code=1)
   line = err.strip().splitlines()[-1]
   assert line.startswith("sptlm train: error: checkpoint ") and "Traceback" not in err
-  assert "params/" in line and "(1664, 256) in the config but (1664, 128) in the checkpoint" in line
+  assert "params/" in line and "(2176, 256) in the config but (2176, 128) in the checkpoint" in line
   assert "model.d_model: 128 -> 256" in line
   assert _tree_digest(wd) == before  # checkpoints, config.json and metrics.jsonl as they were
 

@@ -128,3 +128,38 @@ def test_speech_asr_and_tts_tasks_lay_out_records_and_weigh_the_target_part(voca
   assert tasks.SOURCE_COUNTS["records without speech tokens"] == 3
   assert tasks.SOURCE_COUNTS["unreadable lines"] == 3
   assert tasks.SOURCE_COUNTS["records with an empty text"] == 2  # asr and tts
+
+
+def test_text_tasks_read_prepared_tfds_datasets(vocab, tmp_path, monkeypatch):
+  """`tfds:NAME:SPLIT[:FEATURE]` in a task's files: a prepared TFDS text dataset, read
+  without download; non-UTF-8 and empty documents counted; a missing dataset counted."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  texts = ["The first document.", "A second, longer document.", "", "Third one."]
+
+  class TinyText(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "body": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i, t in enumerate(texts):
+        yield i, {"body": t}
+
+  TinyText(data_dir=str(tmp_path)).download_and_prepare()
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  tasks.SOURCE_COUNTS.clear()
+  docs = list(tasks.read_documents(["tfds:tiny_text:train:body", "tfds:not_there"]))
+  assert sorted(docs) == sorted(t for t in texts if t)  # in the order TFDS stored them
+  assert tasks.SOURCE_COUNTS == {
+      "empty documents": 1,
+      "missing TFDS datasets (prepare them first; nothing is downloaded)": 1}
+  task = tasks.text_task("tfds_text", ["tfds:tiny_text:train:body"], vocab)
+  rows = list(task.get_dataset({"targets": 64}, split="train", shuffle=False)
+              .as_numpy_iterator())
+  seqio.TaskRegistry.remove("tfds_text")
+  assert [vocab.decode(list(r["targets"][:-1])) for r in rows] == docs

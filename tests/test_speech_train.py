@@ -301,3 +301,38 @@ def test_t2t_pairs_from_the_tokenizer_and_the_pairing_check(trained, corpus_dir,
                        capture_output=True, text=True, timeout=600)
   assert bad.returncode == 1 and "learned the codes of the speech tokenizer" in bad.stderr
   assert "Traceback" not in bad.stderr
+
+
+def test_speech_asr_and_tts_tasks_tokenize_audio_manifests(trained, corpus_dir, tmp_path):
+  """Data tasks over a `build-corpus` manifest ({"audio", "text"} lines): the audio goes
+  through the speech tokenizer (vocab.speech_tokenizer), giving exactly its encode output; a
+  missing audio file is skipped and counted."""
+  from data_pipelines import config as data_config
+  from data_pipelines.examples import ExampleBuilder
+  from data_pipelines.sources import file_token_records
+  from sptlm.speech.tokenizer import SpeechTokenizer
+  from t2t_synthetic import data_config as data_config_file
+  manifest = tmp_path / "manifest.jsonl"
+  lines = (corpus_dir / "manifest.jsonl").read_text().splitlines()[:4]
+  rows = [json.loads(x) for x in lines]
+  for r in rows:  # relative to the manifest's folder: point them back at the corpus
+    r["audio"] = str(corpus_dir / r["audio"])
+  rows.append({"audio": str(tmp_path / "gone.wav"), "text": "nothing here"})
+  manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  config = data_config_file(tmp_path / "data.py", "", f"""{{
+      "speech": dict(kind="speech", files=("{manifest}",), rate=1.0),
+      "asr": dict(kind="asr", files=("{manifest}",), rate=1.0)}}""",
+                            speech_size=32, speech_tokenizer=trained)
+  cfg = data_config.load(config)
+  builder = ExampleBuilder(cfg)
+  items = list(file_token_records(str(manifest), 32, need_text=True))
+  want = [np.asarray(r["tokens"]) for r in SpeechTokenizer.load(str(trained), lm=None)
+          .encode_files([r["audio"] for r in rows[:4]])]
+  for kind in ("speech", "asr"):
+    built = builder.build(kind, items)
+    assert built[-1] == "unreadable audio files"
+    for b, codes, row in zip(built[:4], want, rows):
+      got = builder.layout.speech_code(b.ids[builder.layout.is_speech(b.ids)])
+      assert (got == codes).all()
+      if kind == "asr":  # the transcript follows the audio, in the loss
+        assert builder.tokenizer.decode(b.ids[b.weights.astype(bool)][:-1].tolist()) == row["text"]
