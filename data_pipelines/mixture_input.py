@@ -142,6 +142,9 @@ def stream(sources: list[Any], names: list[str], weights: list[float], *, stream
       seed=seed, shuffle_bins=True)
   ds = ds.map(_to_batch_fields).batch(batch, drop_remainder=True)
   if workers > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; sptlm parses its own
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return ds
 

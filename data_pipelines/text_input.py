@@ -132,6 +132,12 @@ class ShardedBatches:
     for s, it in zip(self.shard_ids, self.iters):
       it.set_state(saved[str(s)])
 
+  def close(self) -> None:
+    """Stops grain worker processes (data.workers) before the interpreter exits."""
+    for it in self.iters:
+      if hasattr(it, "close"):
+        it.close()
+
   def start_prefetch(self) -> None:
     """Called by grain's checkpoint handler after a restore; nothing to start here."""
 

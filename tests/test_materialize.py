@@ -336,3 +336,19 @@ def test_gs_paths_really_work_against_a_gcs_emulator(tmp_path):
     assert json.loads(get("out/manifest.json"))["format"] == "sptlm-shards-1"
   finally:
     server.stop()
+
+
+def test_grain_worker_processes_give_batches_that_resume_exactly(shards):
+  """data.workers > 0: grain worker processes (mp_prefetch) build the batches; the state
+  saved mid-way restores exactly there."""
+  _, out = shards
+  _, (it, _) = _batches(out, 3, workers=1)
+  state = it.get_state()
+  want = [next(it) for _ in range(3)]
+  _, (again, _) = _batches(out, 0, workers=1)
+  again.set_state(state)
+  got = [next(again) for _ in range(3)]
+  for a, b in zip(want, got):
+    assert all((a[k] == b[k]).all() for k in a)
+  for x in (it, again):
+    x.close()

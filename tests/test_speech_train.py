@@ -125,6 +125,7 @@ def test_training_lowers_the_loss(trained, corpus_dir):
   assert tuned["split"] == "dev" and 0.0 <= tuned["wer"] <= 1.0 and tuned["alpha"] > 0
 
 
+@pytest.mark.slow  # the loop is sptlm.train.loop's, covered by tests/test_train.py in the default run
 def test_sigterm_then_restart_gives_identical_losses(tmp_path, corpus_dir, env):
   args = ["train", "--config", CONFIG, f"--config.data.corpus={corpus_dir}",
           "--config.train.steps=14", *TINY]
@@ -246,6 +247,7 @@ def test_a_changed_model_stops_before_anything_is_touched(trained, corpus_dir, e
   assert _digest(workdir) == before
 
 
+@pytest.mark.slow  # the checkpointer is the LM's, covered by tests/test_train.py by default
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(corpus_dir, env, tmp_path):
   args = ["train", "--config", CONFIG, f"--config.data.corpus={corpus_dir}",
           "--config.train.steps=6", *TINY, "--config.train.checkpoint_every=3"]

@@ -81,11 +81,14 @@ def train(cfg: Config, workdir: str) -> dict[str, Any]:
       row.update({f"loss_task_{n}": v for n, v in zip(task_names, m["loss_tasks"])})
     return row, {"loss": f"{float(m['loss']):.4f}", "tok_s": f"{rates['tokens_per_s']:,.0f}"}
 
-  return loop.run(tcfg, workdir, config_json, program=program, state=state,
-                  start_step=start_step, data_iter=data_iter, ckpt=ckpt, stop=stop,
-                  counts=lambda m: {"tokens_per_s": m["tokens"],
-                                    "padded_tokens_per_s": tokens_per_step},
-                  report=report)
+  try:
+    return loop.run(tcfg, workdir, config_json, program=program, state=state,
+                    start_step=start_step, data_iter=data_iter, ckpt=ckpt, stop=stop,
+                    counts=lambda m: {"tokens_per_s": m["tokens"],
+                                      "padded_tokens_per_s": tokens_per_step},
+                    report=report)
+  finally:
+    data_iter.close()  # grain worker processes (data.workers), if any
 
 
 def _input(cfg: Config) -> tuple[Any, Any]:
