@@ -73,12 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
 
   from data_pipelines import cli as data_cli
   from sptlm.convert import cli as convert_cli
+  from sptlm.eval import cli as eval_cli
   from sptlm.speech import cli as speech_cli
   from sptlm.t2t import cli as t2t_cli
   convert_cli.add_parser(sub)
   speech_cli.add_parser(sub)
   t2t_cli.add_parser(sub)
   data_cli.add_parser(sub)
+  eval_cli.add_parser(sub)
   return parser
 
 
