@@ -8,6 +8,7 @@ positions the model was trained on.
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,7 +79,8 @@ class LanguageModel:
     fit max_length)."""
     out: list[np.ndarray] = [np.zeros(0)] * len(pairs)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-    for start in tqdm(range(0, len(order), batch), desc=desc, unit="batch", leave=False):
+    for start in tqdm(range(0, len(order), batch), desc=desc, unit="batch", leave=False,
+                      mininterval=0.5 if sys.stderr.isatty() else 30.0):
       rows = order[start:start + batch]
       seqs = [list(pairs[i][0]) + list(pairs[i][1]) for i in rows]
       length = -(-max(len(s) - 1 for s in seqs) // BUCKET) * BUCKET
