@@ -125,6 +125,30 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """`sptlm eval`'s model-side choices, and evaluation during training (README: Evaluation).
+
+  The spoken QA prompt is `qa_prompt` with {question} replaced by the question (text ids, or
+  <|begin_of_audio|> codes <|end_of_audio|>), then `qa_text_answer` or `qa_speech_answer` by
+  the answer's modality; `<|name|>` special tokens in them are the vocabulary's own ids.
+  """
+
+  every: int = 0  # evaluate every this many steps during training (0: never)
+  tasks: tuple[tuple[str, str], ...] = ()  # (task, data file) pairs scored during training
+  settings: tuple[str, ...] = ("T->T",)  # the settings scored during training
+  limit: int = 64  # items per task during training
+  t2t: str = ""  # `sptlm t2t train` work dir: speaks text for speech settings
+  speech_tokenizer: str = ""  # `sptlm tokenizer train` work dir: audio in, ASR of S->S answers
+  batch: int = 16  # rows per scoring or generation call (a multiple of the data-parallel size)
+  qa_prompt: str = "Question: {question}\nAnswer:"
+  qa_text_answer: str = ""
+  qa_speech_answer: str = "<|begin_of_audio|>"
+  qa_stop: tuple[str, ...] = ("<|end_of_text|>", "<|end_of_audio|>", "<|user|>")
+  qa_max_new_tokens: int = 24  # text answers
+  qa_max_new_speech_tokens: int = 64  # speech answers (5 s at 12.5 Hz)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   """A whole experiment."""
 
@@ -134,6 +158,7 @@ class Config:
   data: DataConfig
   train: TrainConfig
   mesh: MeshConfig
+  eval: EvalConfig = EvalConfig()
 
 
 def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -178,6 +203,13 @@ def _optional_field(schema: Any, parents: list[str], leaf: str) -> Any:
   return typing.get_type_hints(schema)[leaf]
 
 
+def _optional_section(schema: Any, path: list[str]) -> bool:
+  """Whether `path` names a dataclass section with a default (e.g. eval) in `schema`."""
+  *parents, leaf = path
+  tp = _optional_field(schema, parents, leaf)
+  return tp is not None and dataclasses.is_dataclass(tp)
+
+
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str],
                     schema: Any = None) -> None:
   """Applies `--config.a.b=value` (or `a.b=value`) overrides in place, type-checked.
@@ -193,7 +225,9 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str],
     node = cfg
     for i, name in enumerate(parents):
       if name not in node:
-        raise ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r}")
+        if not _optional_section(schema, parents[:i + 1]):
+          raise ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r}")
+        node[name] = ml_collections.ConfigDict()  # a section with defaults, left out of the file
       node = node[name]
     if leaf not in node:
       tp = _optional_field(schema, parents, leaf)
@@ -389,6 +423,19 @@ def validate_model(m: ModelConfig, seq_len: int) -> None:
                           "(model.attention='pallas')")
 
 
+def validate_eval(e: EvalConfig) -> None:
+  check_at_least("eval.every", e.every, 0)
+  check_at_least("eval.limit", e.limit, 1)
+  check_at_least("eval.batch", e.batch, 1)
+  check_at_least("eval.qa_max_new_tokens", e.qa_max_new_tokens, 1)
+  check_at_least("eval.qa_max_new_speech_tokens", e.qa_max_new_speech_tokens, 1)
+  if "{question}" not in e.qa_prompt:
+    raise ConfigError(f"eval.qa_prompt={e.qa_prompt!r} needs a {{question}} placeholder")
+  if e.every and not e.tasks:
+    raise ConfigError("eval.every is set but eval.tasks is empty: give (task, data file) "
+                      "pairs, e.g. --config.eval.tasks=\"(('tstorycloze', 'stories.csv'),)\"")
+
+
 def validate(c: Config) -> None:
   """Value and cross-field checks that the types alone cannot express; sizes first, so the
   cross-field checks never divide by zero."""
@@ -405,6 +452,7 @@ def validate(c: Config) -> None:
       raise ConfigError(f"data.rates.{name}={rate} must be at least 0")
   validate_train(t)
   validate_mesh(c.mesh)
+  validate_eval(c.eval)
   if d.global_batch_size % t.microbatches:
     raise ConfigError(f"data.global_batch_size={d.global_batch_size} must be divisible by "
                       f"train.microbatches={t.microbatches}")

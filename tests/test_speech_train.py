@@ -263,6 +263,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(corpus_dir, en
   assert [r["loss"] for r in _metrics(tmp_path / "run")] == [r["loss"] for r in before]
 
 
+@pytest.mark.slow  # trains a t2t model on top of the tokenizer fixture; t2t training is tested by
+#                   tests/test_t2t.py and the pairs format by tests/test_materialize.py by default
 def test_t2t_pairs_from_the_tokenizer_and_the_pairing_check(trained, corpus_dir, env, tmp_path):
   """`sptlm t2t train` makes its TTS pairs with a real speech tokenizer (once: a rerun keeps
   the shards), records it, and synthesis refuses another tokenizer."""
@@ -338,3 +340,66 @@ def test_speech_asr_and_tts_tasks_tokenize_audio_manifests(trained, corpus_dir, 
       assert (got == codes).all()
       if kind == "asr":  # the transcript follows the audio, in the loss
         assert builder.tokenizer.decode(b.ids[b.weights.astype(bool)][:-1].tolist()) == row["text"]
+
+
+def test_eval_speech_from_audio_through_the_tokenizer(trained, corpus_dir, tmp_path):
+  """`sptlm eval` with real audio: StoryCloze sentences from an audio manifest and spoken QA
+  questions from a TSV's Wav Filename column go through the speech tokenizer (the same codes
+  as `encode`), S->S answers come back as text through its ASR path, and a missing audio file
+  is counted, not a crash. The LM has random weights: the plumbing is under test here."""
+  import jax
+  from data_pipelines import text_input
+  from sptlm import config as config_lib
+  from sptlm.eval import runner
+  from sptlm.eval.lm import LanguageModel
+  from sptlm.speech.tokenizer import SpeechTokenizer
+  from sptlm.train import program as program_lib
+  cfg = config_lib.load(ROOT / "configs" / "tiny.py", [
+      "--config.model.num_layers=1", "--config.data.shards=", "--config.vocab.speech_size=32",
+      "--config.eval.qa_max_new_speech_tokens=12", "--config.eval.qa_max_new_tokens=4"])
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),
+                           ("data", "fsdp", "tensor"))
+  lm = LanguageModel.from_params(
+      cfg, 0, program_lib.build(cfg, mesh).init()["params"],
+      text_input.load_tokenizer(str(ROOT / cfg.vocab.text_tokenizer), 1024), mesh, "random")
+  rows = [json.loads(x) for x in (corpus_dir / "manifest.jsonl").read_text().splitlines()]
+  wavs = [str(corpus_dir / r["audio"]) for r in rows][:6]
+  header = ("InputStoryid,InputSentence1,InputSentence2,InputSentence3,InputSentence4,"
+            "RandomFifthSentenceQuiz1,RandomFifthSentenceQuiz2,AnswerRightEnding\n")
+  (tmp_path / "s.csv").write_text(header + "a,One.,Two.,Three.,Four.,Right.,Wrong.,1\n"
+                                  "b,Uno.,Dos.,Tres.,Cuatro.,Bien.,Mal.,2\n")
+  parts = ["InputSentence1", "InputSentence2", "InputSentence3", "InputSentence4",
+           "RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2"]
+  manifest = [{"story": "a", "part": p, "audio": w} for p, w in zip(parts, wavs)]
+  manifest += [{"story": "b", "part": p, "audio": w} for p, w in zip(parts, wavs)]
+  manifest[-1]["audio"] = str(tmp_path / "gone.wav")  # story b loses its spoken Mal.
+  (tmp_path / "audio.jsonl").write_text("".join(json.dumps(m) + "\n" for m in manifest)
+                                        + "not json\n")
+  res = runner.evaluate(str(tmp_path), "sstorycloze", str(tmp_path / "s.csv"),
+                        settings=["S->S", "T->T"], audio=str(tmp_path / "audio.jsonl"),
+                        speech_tokenizer=str(trained), lm=lm, out=str(tmp_path / "s.json"))
+  spoken, text = res
+  assert spoken["speech_source"].startswith("audio:") and text["speech_source"] is None
+  assert (spoken["n"], text["n"]) == (1, 2)  # story b has no spoken wrong ending
+  assert spoken["skipped"]["missing or unreadable audio files"] == 1
+  assert spoken["skipped"]["stories without speech"] == 1
+  tok = SpeechTokenizer.load(str(trained))
+  tsv = tmp_path / "q.tsv"
+  tsv.write_text("Questions\tAnswer\tWav Filename\n" + "".join(
+      f"question {i}?\tanswer {i}\t{w}\n" for i, w in enumerate(wavs[:3]))
+      + "question 9?\tx\tgone.wav\n")
+  res = runner.evaluate(str(tmp_path), "spoken_qa", str(tsv), settings=["S->S", "S->T"],
+                        speech_tokenizer=str(trained), lm=lm, out=str(tmp_path / "qa.json"))
+  assert [(r["setting"], r["n"]) for r in res] == [("S->S", 3), ("S->T", 3)]
+  assert res[0]["skipped"]["missing or unreadable audio files"] == 1
+  assert res[0]["skipped"]["questions without speech"] == 1
+  examples = [json.loads(x) for x in (tmp_path / "qa.examples.jsonl").read_text().splitlines()]
+  spoken_answers = [e for e in examples if e["setting"] == "S->S"]
+  # the S->S prediction is the tokenizer's transcript of the generated codes
+  for e in spoken_answers:
+    codes = np.asarray(e["answer_codes"], np.int32)
+    assert e["prediction"] == (tok.decode([codes])[0] if codes.size else "")
+  # the spoken question is exactly the tokenizer's encoding of the WAV
+  want = [r["tokens"] for r in tok.encode_files(wavs[:1])][0]
+  assert [e["prompt_tokens"] for e in spoken_answers][0] == len(
+      lm.tokenizer.encode("Question: ")) + len(want) + 2 + len(lm.tokenizer.encode("\nAnswer:")) + 1

@@ -413,17 +413,18 @@ class Checkpointer:
     src.rename(dst)
 
 
-def load_newest(workdir: str, abstract_state: Callable[[jax.sharding.Mesh], Any]) -> tuple[int,
-                                                                                          Any]:
-  """(step, train state) of a run's newest checkpoint on one device, opened read-only (the run
-  may still be going); `abstract_state(mesh)` builds what to restore into."""
+def load_newest(workdir: str, abstract_state: Callable[[jax.sharding.Mesh], Any],
+                mesh: jax.sharding.Mesh | None = None) -> tuple[int, Any]:
+  """(step, train state) of a run's newest checkpoint on `mesh` (default: one device), opened
+  read-only (the run may still be going); `abstract_state(mesh)` builds what to restore into."""
   ckpt = Checkpointer(workdir, keep=2, async_save=False, read_only=True)
   try:
     step = ckpt.latest_step()
     if step is None:
       raise MissingFileError(f"{workdir} has no checkpoint yet; train first")
-    one = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),
-                            ("data", "fsdp", "tensor"))
-    return step, ckpt.restore_state(step, abstract_state(one))
+    if mesh is None:
+      mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),
+                               ("data", "fsdp", "tensor"))
+    return step, ckpt.restore_state(step, abstract_state(mesh))
   finally:
     ckpt.close()

@@ -16,6 +16,7 @@ from data_pipelines import mixture_input, text_input
 from sptlm import config as config_lib
 from sptlm import paths, sharding
 from sptlm.config import Config
+from sptlm.eval import during_training
 from sptlm.train import checkpoint as checkpoint_lib
 from sptlm.train import flops as flops_lib
 from sptlm.train import loop
@@ -27,6 +28,7 @@ from sptlm.train.stop import StopSignal
 def train(cfg: Config, workdir: str) -> dict[str, Any]:
   """Trains until train.steps (or a stop signal); returns the last logged metrics."""
   loop.check_workdir(workdir)
+  during_training.check(cfg)
   cfg = dataclasses.replace(cfg, train=loop.planned_steps(cfg.train, workdir))
   tcfg, dcfg = cfg.train, cfg.data
   config_json = config_lib.to_json(cfg)
@@ -70,6 +72,10 @@ def train(cfg: Config, workdir: str) -> dict[str, Any]:
     print(_summary(cfg, program, stats, workdir, start_step, peak), flush=True)
 
   # ---- Loop --------------------------------------------------------------------------------
+  periodic = []
+  if cfg.eval.every:  # README: Evaluation during training
+    periodic.append(loop.Periodic(cfg.eval.every, during_training.make(cfg, workdir, mesh)))
+
   def report(m: loop.Metrics, rates: dict[str, float]) -> tuple[dict[str, Any], dict[str, str]]:
     """tokens_per_s: real (non-padding) tokens; padded_tokens_per_s: all positions computed."""
     padded = rates["padded_tokens_per_s"]
@@ -86,7 +92,7 @@ def train(cfg: Config, workdir: str) -> dict[str, Any]:
                     start_step=start_step, data_iter=data_iter, ckpt=ckpt, stop=stop,
                     counts=lambda m: {"tokens_per_s": m["tokens"],
                                       "padded_tokens_per_s": tokens_per_step},
-                    report=report)
+                    report=report, periodic=periodic)
   finally:
     data_iter.close()  # grain worker processes (data.workers), if any
 
