@@ -45,7 +45,7 @@ class ExampleBuilder:
     self.cfg, self.max_chars = cfg, max_chars
     self.tokenizer = text_tokenizer_lib.load(str(paths.resolve(cfg.vocab.text_tokenizer)))
     text_tokenizer_lib.check_size(self.tokenizer, cfg.vocab.text_size)
-    self.layout = Vocabulary(cfg.vocab.text_size, cfg.vocab.speech_size)
+    self.layout = Vocabulary.from_config(cfg.vocab)
     self.eos = sources.eos_id(self.tokenizer, self.layout)
     self.interleaver = None
     self.speech_tokenizer = None  # loaded when a record brings audio

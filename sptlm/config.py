@@ -72,6 +72,12 @@ class VocabConfig:
   # A SentencePiece .model file or a Hugging Face tokenizer folder (tokenizer.json); relative
   # paths are from the sptlm checkout. Its size must be text_size up to padding.
   text_tokenizer: str
+  # A base model's own ids (e.g. GLM-4-Voice-9B's; `sptlm convert from-hf` reads them from its
+  # tokenizer): <|audio_0|>, the first of the specials it lacks, and (token, id) of those it
+  # has. -1 / (): sptlm's layout, speech then specials after the text ids.
+  speech_offset: int = -1
+  special_offset: int = -1
+  special_ids: tuple[tuple[str, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,6 +442,23 @@ def validate_eval(e: EvalConfig) -> None:
                       "pairs, e.g. --config.eval.tasks=\"(('tstorycloze', 'stories.csv'),)\"")
 
 
+def validate_vocab_ids(v: VocabConfig) -> None:
+  """An adopted layout's ids must be known tokens that do not overlap (one line naming them)."""
+  from data_pipelines import vocabulary  # numpy only; the layout's own checks
+
+  check_at_least("vocab.speech_offset", v.speech_offset, -1)
+  check_at_least("vocab.special_offset", v.special_offset, -1)
+  for name, _ in v.special_ids:
+    if name not in vocabulary.SPECIAL_TOKENS:
+      raise ConfigError(f"vocab.special_ids: {name!r} is not a special token of the layout; "
+                        f"known: {', '.join(vocabulary.SPECIAL_TOKENS)}")
+  try:
+    vocabulary.Vocabulary.of(v.text_size, v.speech_size, speech_offset=v.speech_offset,
+                             special_offset=v.special_offset, special_ids=v.special_ids)
+  except ValueError as e:
+    raise ConfigError(f"vocab.speech_offset/special_offset/special_ids: {e}") from None
+
+
 def validate(c: Config) -> None:
   """Value and cross-field checks that the types alone cannot express; sizes first, so the
   cross-field checks never divide by zero."""
@@ -444,6 +467,7 @@ def validate(c: Config) -> None:
   validate_model(c.model, d.seq_len)
   check_at_least("vocab.text_size", v.text_size, 1)
   check_at_least("vocab.speech_size", v.speech_size, 0)
+  validate_vocab_ids(v)
   check_at_least("data.global_batch_size", d.global_batch_size, 1)
   check_at_least("data.num_shards", d.num_shards, 1)
   check_at_least("data.workers", d.workers, 0)

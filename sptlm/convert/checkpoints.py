@@ -21,7 +21,7 @@ from sptlm.config import Config
 from sptlm.convert import ConversionError
 from sptlm.model import transformer
 from sptlm.train import optimizer as optimizer_lib
-from sptlm.train import program as program_lib
+from data_pipelines.vocabulary import Vocabulary
 
 Path = tuple[str, ...]
 
@@ -51,9 +51,14 @@ def latest_step(workdir: str) -> int:
   return step
 
 
+def vocabulary(cfg: Config) -> Vocabulary:
+  """The run's token layout, an adopted one (vocab.speech_offset, ...) included."""
+  return Vocabulary.from_config(cfg.vocab)
+
+
 def abstract_params(cfg: Config) -> dict[str, Any]:
   """The parameter tree of `cfg`'s model as ShapeDtypeStructs (nothing allocated)."""
-  vocab = program_lib.vocabulary(cfg)
+  vocab = vocabulary(cfg)
   model = nnx.eval_shape(lambda: transformer.build(cfg.model, vocab.size, 0))
   return nnx.split(model, nnx.Param)[1].to_pure_dict()
 

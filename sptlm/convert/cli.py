@@ -93,9 +93,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
   q = sub.add_parser(
       "from-hf", help="Hugging Face text LM -> sptlm initial checkpoint",
-      description="Imports a Llama, Qwen2 or GLM (model_type 'glm') text LM as a step-0 "
-      "checkpoint for --config.train.init_from=OUT, the vocabulary extended with speech and "
-      "special tokens (new rows: the text rows' mean plus N(0, 1e-9 * covariance)). The "
+      description="Imports a Llama, Qwen2 or GLM (model_type 'glm', or the original ChatGLM "
+      "layout of THUDM/glm-4-9b and glm-4-voice-9b) LM as a step-0 checkpoint for "
+      "--config.train.init_from=OUT, the vocabulary extended with speech and special tokens "
+      "(new rows: the text rows' mean plus N(0, 1e-9 * covariance)); a model whose tokenizer "
+      "already has <|audio_0|>.. keeps its own ids and rows for them. The "
       "model section and vocab.text_size come from the Hugging Face config (each printed, "
       "with the --config value it replaces); --config gives the rest. OUT/config.py is that "
       "run, ready for sptlm train --config OUT/config.py.")

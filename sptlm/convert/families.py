@@ -59,8 +59,6 @@ class Derived:
 _UNSUPPORTED_TYPES = {
     "glm4": "GLM-4-0414 (model_type 'glm4') adds norms after each sub-layer, which sptlm's "
             "block does not have; GLM-4-9B (model_type 'glm', e.g. THUDM/glm-4-9b-hf) is supported",
-    "chatglm": "the original ChatGLM checkpoints need custom code; use the transformers-native "
-               "'-hf' release (model_type 'glm')",
 }
 
 
@@ -158,15 +156,19 @@ def from_hf_config(hf: Any) -> tuple[Family, dict[str, Any], int]:
 
 
 def derive(cfg: Config, fields: dict[str, Any], text_size: int, pinned: Collection[str],
-           source: str) -> tuple[Config, tuple[Derived, ...]]:
+           source: str, vocab_fields: dict[str, Any] | None = None
+           ) -> tuple[Config, tuple[Derived, ...]]:
   """`cfg` with the Hugging Face model's arch keys and text vocabulary in place of its own.
 
-  A key in `pinned` (set explicitly on the command line) must already agree: the user asked
-  for something the checkpoint cannot give, so that is an error naming both values.
+  `vocab_fields`: further vocab keys the model dictates (an adopted layout's ids). A key in
+  `pinned` (set explicitly on the command line) must already agree: the user asked for
+  something the checkpoint cannot give, so that is an error naming both values.
   """
+  vocab = {"text_size": text_size, **(vocab_fields or {})}
   rows = tuple(Derived(f"model.{key}", getattr(cfg.model, key), fields[key])
-               for key in ARCH_KEYS) + (Derived("vocab.text_size", cfg.vocab.text_size,
-                                                text_size),)
+               for key in ARCH_KEYS) + tuple(
+                   Derived(f"vocab.{key}", getattr(cfg.vocab, key), value)
+                   for key, value in vocab.items())
   for row in rows:
     if row.key in pinned and row.changed:
       raise ConversionError(
@@ -174,5 +176,4 @@ def derive(cfg: Config, fields: dict[str, Any], text_size: int, pinned: Collecti
           f"{source} has {row.value!r}: from-hf takes the model from its config.json; drop "
           f"--config.{row.key}")
   model = dataclasses.replace(cfg.model, **fields)
-  return dataclasses.replace(cfg, model=model, vocab=dataclasses.replace(
-      cfg.vocab, text_size=text_size)), rows
+  return dataclasses.replace(cfg, model=model, vocab=dataclasses.replace(cfg.vocab, **vocab)), rows

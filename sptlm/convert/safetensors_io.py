@@ -17,6 +17,9 @@ from sptlm.convert import ConversionError
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# safetensors dtype codes whose values widen to float32 exactly; integer (quantized) and
+# float8 weights would need their scales and are refused.
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 class Reader:
@@ -38,6 +41,7 @@ class Reader:
     self._paths: dict[str, pathlib.Path] = {}
     self.file_of: dict[str, str] = {}
     self._shapes: dict[str, tuple[int, ...]] = {}
+    self._dtypes: dict[str, str] = {}
     for name in files:
       path = self.dir / name
       if not path.is_file():
@@ -46,7 +50,9 @@ class Reader:
       with safe_open(str(path), framework="numpy") as handle:
         for key in handle.keys():
           self.file_of[key] = name
-          self._shapes[key] = tuple(handle.get_slice(key).get_shape())
+          tensor = handle.get_slice(key)
+          self._shapes[key] = tuple(tensor.get_shape())
+          self._dtypes[key] = tensor.get_dtype()
 
   @property
   def names(self) -> list[str]:
@@ -55,10 +61,23 @@ class Reader:
   def shape(self, name: str) -> tuple[int, ...]:
     return self._shapes[name]
 
+  def dtype(self, name: str) -> str:
+    """The safetensors dtype code, e.g. "BF16"."""
+    return self._dtypes[name]
+
+  def check_dtypes(self, names: list[str]) -> None:
+    """Refuses, naming the first, a tensor whose dtype is not a float sptlm reads exactly."""
+    bad = [n for n in names if self._dtypes[n] not in FLOAT_DTYPES]
+    if bad:
+      raise ConversionError(
+          f"{self.dir}: tensor {bad[0]!r} has dtype {self._dtypes[bad[0]]} (and {len(bad) - 1} "
+          f"more not {'/'.join(FLOAT_DTYPES)}): sptlm reads only unquantized float weights")
+
   def read(self, name: str) -> np.ndarray:
     """One tensor, copied out; the file is mapped only for this call, so nothing accumulates."""
     if name not in self.file_of:
-      raise ConversionError(f"{self.dir}: tensor {name!r} not found in the safetensors files")
+      raise ConversionError(f"{self.dir}: tensor {name!r} is missing (not in the safetensors "
+                            "files)")
     with safe_open(str(self._paths[self.file_of[name]]), framework="numpy") as handle:
       return np.array(handle.get_tensor(name), copy=True)
 

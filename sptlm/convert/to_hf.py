@@ -17,9 +17,9 @@ import ml_dtypes
 import numpy as np
 
 from sptlm.config import Config
-from sptlm.convert import ConversionError, checkpoints, families, layout, lineage, tokenizer
+from sptlm.convert import ConversionError, chatglm, checkpoints, families, layout, lineage
+from sptlm.convert import tokenizer
 from sptlm.convert import safetensors_io
-from sptlm.train import program as program_lib
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,14 @@ def hf_config(fam: families.Family, cfg: Config, source: Any, dtype: str, tok: A
   """The transformers config object: the recorded source config with the math set by us."""
   from transformers import CONFIG_MAPPING
 
-  vocab = program_lib.vocabulary(cfg)
+  vocab = checkpoints.vocabulary(cfg)
   kwargs = families.hf_config_kwargs(fam, cfg.model, vocab.size)
   base: dict[str, Any] = {"max_position_embeddings": cfg.data.seq_len}
-  if source is not None and lineage.read_record(source).get("family") == fam.name:
+  record: dict[str, Any] = lineage.read_record(source) if source is not None else {}
+  if record.get("family") == fam.name:
     base = json.loads((source / "config.json").read_text())
+    if record.get("layout") == "chatglm":  # its keys are ChatGLM's: keep what GLM shares
+      base = {"max_position_embeddings": cfg.data.seq_len, **chatglm.glm_config_base(base)}
     for key in _DROPPED_KEYS:
       base.pop(key, None)
   if not lineage.has_tokenizer(source):  # the token ids are those of our SentencePiece model

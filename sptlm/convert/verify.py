@@ -24,7 +24,6 @@ from sptlm import paths
 from sptlm.config import Config
 from sptlm.convert import ConversionError, checkpoints
 from sptlm.model import transformer
-from sptlm.train import program as program_lib
 
 TEXT = ("The quick brown fox jumps over the lazy dog. First Citizen: Before we proceed any "
         "further, hear me speak. All: Speak, speak. You are all resolved rather to die than to "
@@ -63,7 +62,7 @@ def forward_fn(cfg: Config, params: dict[str, Any]) -> Callable[[np.ndarray], np
   """A float32 reference-attention forward of `cfg`'s model with these parameters."""
   model_cfg = dataclasses.replace(cfg.model, attention="reference", attention_chunk=0,
                                   dtype="float32", param_dtype="float32", remat="none")
-  size = program_lib.vocabulary(cfg).size
+  size = checkpoints.vocabulary(cfg).size
   graphdef, state = nnx.split(nnx.eval_shape(lambda: transformer.build(model_cfg, size, 0)),
                               nnx.Param)
   state.replace_by_pure_dict(jax.tree.map(jnp.asarray, params))
@@ -78,7 +77,7 @@ def forward_fn(cfg: Config, params: dict[str, Any]) -> Callable[[np.ndarray], np
 def inputs(cfg: Config, encode: Callable[[str], list[int]], length: int = 96, seed: int = 0
            ) -> dict[str, np.ndarray]:
   """Text, speech and mixed id sequences, each [1, length] (one compile for all three)."""
-  vocab: Vocabulary = program_lib.vocabulary(cfg)
+  vocab: Vocabulary = checkpoints.vocabulary(cfg)
   ids = encode(TEXT)
   text = np.resize(np.asarray(ids, np.int64), length)  # repeats the text if it is short
   out = {"text": text}
@@ -150,7 +149,7 @@ def compare(workdir: str, hf_dir: str, step: int | None = None) -> list[Row]:
   cfg, ours = sptlm_logits_fn(workdir, step)
   model = load_hf(hf_dir)
   hf_vocab = model.config.vocab_size
-  size = program_lib.vocabulary(cfg).size
+  size = checkpoints.vocabulary(cfg).size
   if hf_vocab > size:
     raise ConversionError(f"the Hugging Face model has {hf_vocab} ids, more than the sptlm "
                           f"model's {size}: they are not the same model")

@@ -76,7 +76,7 @@ class LanguageModel:
     """A model from a pure dict of parameters (host or device arrays), placed on `mesh` with
     the training's parameter sharding."""
     mesh = mesh or _one_device_mesh()
-    vocab = Vocabulary(cfg.vocab.text_size, cfg.vocab.speech_size)
+    vocab = Vocabulary.from_config(cfg.vocab)
     abstract = nnx.eval_shape(lambda: transformer.build(cfg.model, vocab.size, 0))
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     names = nnx_compat.param_names(abstract_params)

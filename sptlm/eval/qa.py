@@ -62,5 +62,5 @@ def answer(lm: Any, speaker: Speaker, questions: Sequence[spoken_qa.Question], s
 
 
 def _text_answer(lm: Any, out: Sequence[int]) -> str:
-  text_ids = [t for t in out if t < lm.vocab.speech_start]
+  text_ids = [t for t in out if lm.vocab.is_text(t)]
   return lm.tokenizer.decode(text_ids).split("\n")[0].strip()

@@ -281,7 +281,7 @@ def predict_fn(lm: Any, ecfg: EvalConfig | None = None) -> Callable[..., Any]:
     indices, rows = _rows(dataset)
     outputs = lm.generate([ctx for ctx, _ in rows], ecfg.qa_max_new_tokens, stops,
                           batch=ecfg.batch, desc="seqio answers") if rows else []
-    texts = [_shift(t for t in out if t < lm.vocab.speech_start) for out in outputs]
+    texts = [_shift(t for t in out if lm.vocab.is_text(t)) for out in outputs]
     width = max([1] + [len(t) for t in texts])
     return [(i, t + [0] * (width - len(t))) for i, t in zip(indices, texts)]
   return fn

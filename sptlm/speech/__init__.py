@@ -8,4 +8,5 @@ CTC head, its trainer, and the `SpeechTokenizer` API (tokens from audio, text fr
   input.py     bucketed grain batches                           program.py   state, loss, step
   train.py     `sptlm tokenizer train`                          tokenizer.py the API
   cli.py       `sptlm tokenizer ...`                            config.py    config dataclasses
+  whisper_vq/  released WhisperVQ tokenizers (GLM-4-Voice's): `sptlm tokenizer import`, encode only
 """

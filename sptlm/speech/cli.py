@@ -76,6 +76,35 @@ def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   return 0
 
 
+# ---- import -----------------------------------------------------------------------------------
+
+
+def cmd_import(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  _no_overrides(overrides, "import")
+  from sptlm.speech.whisper_vq import importer
+  summary = importer.import_checkpoint(args.source, args.workdir)
+  print(json.dumps({k: summary[k] for k in ("workdir", "source", "tensors", "parameters",
+                                            "codebook_size")}))
+  return 0
+
+
+def cmd_compile(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  _no_overrides(overrides, "compile")
+  from sptlm.speech.whisper_vq import aot
+  from sptlm.speech.whisper_vq import config as wv_config
+  from sptlm.speech.whisper_vq import tokenizer as wv_tokenizer
+  if args.workdir is None:
+    cfg = aot.full_size()
+  elif not wv_tokenizer.is_imported(args.workdir):
+    raise UserError(f"--workdir {args.workdir} is not a `tokenizer import` work directory")
+  else:
+    cfg, _ = wv_config.read(pathlib.Path(args.workdir))
+  report = aot.compile_encoder(cfg, args.topology, per_device_batch=args.per_device_batch,
+                               precision=args.precision)
+  print(aot.format_report(report))
+  return 0
+
+
 # ---- encode / transcribe ----------------------------------------------------------------------
 
 
@@ -193,6 +222,9 @@ def cmd_transcribe(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   if bool(args.tokens) == bool(args.audio or args.list):
     raise UserError("give either AUDIO files (or --list) or --tokens FILE.jsonl")
   tok = _load(args)
+  if not getattr(tok, "can_transcribe", True):  # an imported encoder: no ASR head
+    raise UserError(f"--workdir {args.workdir} is an imported WhisperVQ tokenizer: it encodes "
+                    "audio but has no ASR head, so it cannot transcribe")
   if args.tokens:
     out = Output(args.output, "index")
     rows = [(i, r) for i, r in _token_lines(args.tokens) if i not in out.done]
@@ -246,7 +278,8 @@ def cmd_transcribe(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def _batch_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--workdir", required=True, help="a `tokenizer train` work directory")
+  p.add_argument("--workdir", required=True,
+                 help="a `tokenizer train` or `tokenizer import` work directory")
   p.add_argument("--list", help="a file with one audio path per line (in addition to AUDIO)")
   p.add_argument("--output", help="JSON lines file (default: stdout); an existing one is "
                  "resumed: inputs already in it are skipped")
@@ -307,6 +340,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                  help=f"get_config() file (default: {DEFAULT_CONFIG})")
   q.add_argument("--workdir", help="run directory (default: runs/<config name>)")
   q.set_defaults(func=cmd_train)
+
+  q = sub.add_parser(
+      "import", help="a released WhisperVQ tokenizer (GLM-4-Voice's) as a work directory",
+      description="Reads a WhisperVQ checkpoint folder (config.json and model*.safetensors in "
+      "GLM-4-Voice's key layout; no pickle files) and writes a tokenizer work directory that "
+      "`tokenizer encode`, SpeechTokenizer.load and the t2t pairs use as they use a trained "
+      "one. Encode only: it has no ASR head, so `transcribe` is unavailable. Everything is "
+      "checked first; a bad folder is one line on stderr and nothing is written.")
+  q.add_argument("--from", dest="source", required=True,
+                 help="the checkpoint folder (e.g. a download of THUDM/glm-4-voice-tokenizer)")
+  q.add_argument("--workdir", required=True, help="the work directory to write (new or empty)")
+  q.set_defaults(func=cmd_import)
+
+  q = sub.add_parser(
+      "compile", help="compile an imported WhisperVQ encoder ahead of time for a TPU topology",
+      description="Compiles the sharded tokenize step (30 s windows, data parallel) for a TPU "
+      "slice on any machine (libtpu's compile-only client, as `sptlm compile`); prints memory "
+      "per device and the FLOP-bound hours of audio per chip-hour.")
+  q.add_argument("--topology", required=True, help="e.g. v5e-8, v5p-8, v5p:2x2x1")
+  q.add_argument("--workdir", help="a `tokenizer import` work directory (default: the "
+                 "GLM-4-Voice tokenizer's full-size architecture)")
+  q.add_argument("--per-device-batch", type=int, default=8,
+                 help="30 s windows per device per step (default: 8)")
+  q.add_argument("--precision", choices=("highest", "default"), default="highest",
+                 help="matmul precision: highest (float32, the reference's numbers; default) "
+                 "or default (one bf16 pass on TPU: faster, tokens may differ)")
+  q.set_defaults(func=cmd_compile)
 
   q = sub.add_parser(
       "encode", help="audio -> speech tokens (JSON lines)",

@@ -150,9 +150,13 @@ class SpeechTokenizer:
   @classmethod
   def load(cls, workdir: str | pathlib.Path, **kwargs) -> "SpeechTokenizer":
     """The newest checkpoint of a `sptlm tokenizer train` work directory, with the language
-    model WORKDIR/asr_lm.arpa when there is one (unless `lm=` is given; lm=None: greedy)."""
+    model WORKDIR/asr_lm.arpa when there is one (unless `lm=` is given; lm=None: greedy); or
+    a `sptlm tokenizer import` directory (an encode-only `WhisperVQTokenizer`)."""
     from sptlm.train import checkpoint as checkpoint_lib
     wd = epath.Path(workdir)
+    from sptlm.speech.whisper_vq import tokenizer as whisper_vq  # imports this module
+    if whisper_vq.is_imported(wd):  # `sptlm tokenizer import`: a released WhisperVQ encoder
+      return whisper_vq.WhisperVQTokenizer.load(wd, **kwargs)
     cfg_path = wd / "config.json"
     if not cfg_path.exists():
       raise MissingFileError(f"{wd} is not a tokenizer work directory (no config.json); "

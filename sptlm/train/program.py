@@ -26,7 +26,7 @@ BATCH_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.in
 
 
 def vocabulary(cfg: Config) -> Vocabulary:
-  return Vocabulary(cfg.vocab.text_size, cfg.vocab.speech_size)
+  return Vocabulary.from_config(cfg.vocab)
 
 
 @dataclasses.dataclass
