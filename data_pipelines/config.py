@@ -34,6 +34,11 @@ class DataVocabConfig:
   text_size: int  # the tokenizer's ids, up to padding (checked)
   speech_size: int  # the speech tokenizer's codebook
   speech_tokenizer: str = ""  # a `sptlm tokenizer train` work dir: tokenizes audio records
+  # A base model's adopted ids, as in the LM config's vocab section (sptlm.config.VocabConfig;
+  # copy them from `sptlm convert from-hf`'s config.py): -1 / () keep sptlm's own layout.
+  speech_offset: int = -1
+  special_offset: int = -1
+  special_ids: tuple[tuple[str, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +76,7 @@ def load(path: str | pathlib.Path, overrides: list[str] = ()) -> DataPipelineCon
 def validate(c: DataPipelineConfig) -> None:
   check_at_least("vocab.text_size", c.vocab.text_size, 1)
   check_at_least("vocab.speech_size", c.vocab.speech_size, 1)
+  config_lib.validate_vocab_ids(c.vocab)
   check_positive("interleave.lam", c.interleave.lam)
   if not 0.0 < c.interleave.eta < 1.0:
     raise ConfigError(f"interleave.eta={c.interleave.eta} must be in (0, 1)")

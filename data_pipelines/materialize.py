@@ -57,6 +57,10 @@ def shard_of(task: TaskSpec, file_index: int, item_index: int) -> int:
   return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % task.shards
 
 
+# vocab keys added after manifests were first written, with the values they then implied
+ADDED_VOCAB_KEYS = {"speech_offset": -1, "special_offset": -1, "special_ids": []}
+
+
 def _manifest(cfg: DataPipelineConfig) -> dict[str, Any]:
   return {"format": FORMAT, "config": dataclasses.asdict(cfg)}
 
@@ -70,6 +74,8 @@ def check_manifest(output: epath.Path, cfg: DataPipelineConfig) -> None:
       have = json.loads(path.read_text())
     except ValueError:
       raise InputError(f"{path} is not JSON; is {output} a materialized data directory?") from None
+    for key, default in ADDED_VOCAB_KEYS.items():  # manifests written before these keys
+      have.get("config", {}).get("vocab", {}).setdefault(key, default)
     if json.loads(json.dumps(want)) != have:
       raise InputError(f"{output} was materialized from another data config; use a new "
                        "--output, or rerun with the config in its manifest.json")

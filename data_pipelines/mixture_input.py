@@ -149,21 +149,54 @@ def stream(sources: list[Any], names: list[str], weights: list[float], *, stream
   return ds
 
 
-def check_vocab(shards_dir: str, text_size: int, speech_size: int) -> None:
+LAYOUT_KEYS = ("text_size", "speech_size", "speech_offset", "special_offset", "special_ids")
+
+
+def _layout(vocab: Any) -> dict[str, Any]:
+  """The id layout a vocab section (dataclass or manifest dict) describes, keys missing from
+  an older manifest at their defaults (sptlm's own layout)."""
+  if isinstance(vocab, Vocabulary):
+    return _model_layout(vocab)
+  get = vocab.get if isinstance(vocab, dict) else lambda k, d=None: getattr(vocab, k, d)
+  return {"text_size": int(get("text_size")), "speech_size": int(get("speech_size")),
+          "speech_offset": int(get("speech_offset", -1)),
+          "special_offset": int(get("special_offset", -1)),
+          "special_ids": tuple((str(n), int(i)) for n, i in get("special_ids", ()) or ())}
+
+
+def _model_layout(vocab: Vocabulary | tuple[int, int]) -> dict[str, Any]:
+  if isinstance(vocab, Vocabulary):
+    return {"text_size": vocab.text_size, "speech_size": vocab.speech_size,
+            "speech_offset": vocab.speech_offset, "special_offset": vocab.special_offset,
+            "special_ids": vocab.adopted}
+  text_size, speech_size = vocab
+  return {"text_size": text_size, "speech_size": speech_size}
+
+
+def compare_layout(source: str, have: Any, model: Vocabulary | tuple[int, int]) -> None:
+  """The data's ids must mean what the model's vocabulary says: every key of the layout, or
+  only the sizes when the model gives just (text_size, speech_size)."""
+  data, want = _layout(have), _model_layout(model)
+  for key in LAYOUT_KEYS:
+    if key in want and data[key] != want[key]:
+      raise InputError(f"{source} for vocab.text_size={data['text_size']}, vocab.speech_size="
+                       f"{data['speech_size']}: its vocab.{key}={data[key]!r} differs from the "
+                       f"model's {want[key]!r}; set the model's vocab to match, or the data "
+                       "config's (and re-materialize)")
+
+
+def check_vocab(shards_dir: str, vocab: Vocabulary | tuple[int, int]) -> None:
   """The shards' ids must mean what the model's vocabulary says (manifest.json's vocab)."""
   path = epath.Path(shards_dir) / "manifest.json"
   try:
-    vocab = json.loads(path.read_text())["config"]["vocab"]
+    have = json.loads(path.read_text())["config"]["vocab"]
+    _layout(have)
   except FileNotFoundError:
     raise MissingFileError(f"{path} not found: data.shards must be a `sptlm data materialize` "
                            "output") from None
   except (ValueError, KeyError, TypeError):
     raise InputError(f"{path} is not a materialization manifest; re-materialize") from None
-  have = (vocab["text_size"], vocab["speech_size"])
-  if have != (text_size, speech_size):
-    raise InputError(f"{shards_dir} was materialized for vocab.text_size={have[0]}, "
-                     f"vocab.speech_size={have[1]} but the model has {text_size}, "
-                     f"{speech_size}; set the model's vocab to match or re-materialize")
+  compare_layout(f"{shards_dir} was materialized", have, vocab)
 
 
 def build_in_memory(config_path: str) -> tuple[dict[str, Any], dict[str, list[bytes]],
@@ -183,16 +216,23 @@ def build_in_memory(config_path: str) -> tuple[dict[str, Any], dict[str, list[by
   return stats, built, (cfg.vocab.text_size, cfg.vocab.speech_size)
 
 
+def config_vocabulary(config_path: str) -> Vocabulary:
+  """The id layout a data config's vocab section gives (its adopted keys included)."""
+  from data_pipelines import config as data_config
+  return Vocabulary.from_config(data_config.load(config_path).vocab)
+
+
 def shard_batches(shards_dir: str, *, rates: dict[str, float] | None, seq_len: int,
                   global_batch: int, num_shards: int, packing_bins: int, seed: int,
-                  vocab_sizes: tuple[int, int] | None = None, workers: int = 0,
+                  vocab_sizes: tuple[int, int] | Vocabulary | None = None, workers: int = 0,
                   process_index: int = 0,
                   process_count: int = 1) -> tuple[ShardedBatches, MixtureStats]:
   """This host's rows of each global batch from a materialized directory's tasks, or (for
   small runs) straight from a data config's tasks, built in this process (`shards_dir` a .py).
 
   `rates` ({task: token share}) overrides the rates the data config gave at materialization
-  for the tasks it names; rate 0 leaves a task out.
+  for the tasks it names; rate 0 leaves a task out. `vocab_sizes`: the model's Vocabulary,
+  whose whole layout the data must share, or just its (text_size, speech_size).
   """
   if num_shards % process_count or global_batch % num_shards:
     raise InputError(f"data.num_shards={num_shards} must be a multiple of the {process_count} "
@@ -202,14 +242,12 @@ def shard_batches(shards_dir: str, *, rates: dict[str, float] | None, seq_len: i
                      "mounted directory; mount the bucket (gcsfuse, as TPU VMs do) and give "
                      "that path")
   if shards_dir.endswith(".py"):
-    stats, built, have = build_in_memory(shards_dir)
-    if vocab_sizes is not None and have != tuple(vocab_sizes):
-      raise InputError(f"data config {shards_dir} has vocab.text_size={have[0]}, "
-                       f"vocab.speech_size={have[1]} but the model has {vocab_sizes[0]}, "
-                       f"{vocab_sizes[1]}; set the model's vocab to match")
+    stats, built, _ = build_in_memory(shards_dir)
+    if vocab_sizes is not None:
+      compare_layout(f"data config {shards_dir} is", config_vocabulary(shards_dir), vocab_sizes)
   else:
     if vocab_sizes is not None:
-      check_vocab(shards_dir, *vocab_sizes)
+      check_vocab(shards_dir, vocab_sizes)
     stats, built = read_stats(shards_dir)["tasks"], None
   unknown = sorted(set(rates or {}) - set(stats))
   if unknown:
@@ -230,7 +268,12 @@ def shard_batches(shards_dir: str, *, rates: dict[str, float] | None, seq_len: i
              for k in names]
   per_host = num_shards // process_count
   owned = range(process_index * per_host, (process_index + 1) * per_host)
-  vocab_size = Vocabulary(*vocab_sizes).size if vocab_sizes else None
+  if vocab_sizes is None:
+    vocab_size = None
+  elif isinstance(vocab_sizes, Vocabulary):
+    vocab_size = vocab_sizes.size
+  else:
+    vocab_size = Vocabulary(*vocab_sizes).size
   streams = {s: stream(sources, list(names), [weights[k] for k in names], stream_index=s,
                        num_streams=num_shards, seq_len=seq_len, batch=global_batch // num_shards,
                        packing_bins=packing_bins, seed=seed * 1_000_003 + s,

@@ -3,11 +3,13 @@
 The folder holds everything but the run's own config: the model's math comes from config.json
 (families.from_hf_config, the inverse of to-hf's hf_config_kwargs), the id layout from the
 tokenizer's added tokens (`<|audio_0|>` is the first speech id, `<|begin_of_audio|>` the first
-special), the training length from max_position_embeddings, the compute dtype from the file's
-dtype (as transformers runs it), and how sptlm runs the model (attention backend, mesh rules)
-from configs/tiny.py. Every tensor goes back through the export's own layout.groups, widened to
-float32; a tensor missing, extra or misshapen is refused before any is read. to-hf records no
-training step, so the model reports step 0. Nothing is written.
+special; an adopted layout, whose speech tokens do not run up to sptlm's specials, keeps each
+special at its own id and counts all the model's rows as text), the training length from
+max_position_embeddings, the compute dtype from the file's dtype (as transformers runs it), and
+how sptlm runs the model (attention backend, mesh rules) from configs/tiny.py. Every tensor goes
+back through the export's own layout.groups, widened to float32; a tensor missing, extra or
+misshapen is refused before any is read. to-hf records no training step, so the model reports
+step 0. Nothing is written.
 """
 
 import dataclasses
@@ -81,43 +83,84 @@ def _special_start(tok: Any, file: epath.Path) -> int:
                         "to-hf (its speech and special tokens are missing)")
 
 
-def vocabulary(hf_dir: epath.Path, vocab_size: int) -> tuple[int, int]:
-  """(text_size, speech_size) of the exported id layout, checked against config.json."""
+def _speech_run(tok: Any) -> tuple[int | None, int]:
+  """(id of `<|audio_0|>` or None, how many `<|audio_k|>` follow it at consecutive ids)."""
+  start = tok.token_to_id(tokenizer.speech_token(0))
+  if start is None:
+    return None, 0
+  size = 1
+  while tok.token_to_id(tokenizer.speech_token(size)) == start + size:
+    size += 1
+  return start, size
+
+
+def _is_sptlm_block(tok: Any, start: int) -> bool:
+  """Whether all of sptlm's specials (or their `<|sptlm_...|>` names) sit in order from `start`."""
+  for j, name in enumerate(SPECIAL_TOKENS):
+    ids = {tok.token_to_id(n) for n in (name, f"<|sptlm_{name.strip('<|>')}|>")}
+    if start + j not in ids:
+      return False
+  return True
+
+
+def vocabulary(hf_dir: epath.Path, vocab_size: int) -> dict[str, Any]:
+  """The vocab keys of the exported id layout (sptlm.config.VocabConfig's), checked against
+  config.json: sptlm's own (speech straight after the text ids, then the specials), or an
+  adopted one (a base model's, e.g. GLM-4-Voice's: speech and specials at its ids)."""
   file = hf_dir / "tokenizer.json"
   if not file.exists():
     raise MissingFileError(f"{file} not found: sptlm eval reads the tokenizer that sptlm "
                            "convert to-hf writes beside the weights")
   tok = text_tokenizer_lib.HuggingFaceTokenizer(str(hf_dir)).tok
-  special_start = _special_start(tok, file)
-  speech_start = tok.token_to_id(tokenizer.speech_token(0))
-  text_size = special_start if speech_start is None else speech_start
-  speech_size = special_start - text_size
-  # The speech tokens fill the ids between: the last one sits just below the first special.
-  if speech_size < 0 or (speech_size and tok.token_to_id(
-      tokenizer.speech_token(speech_size - 1)) != special_start - 1):
-    raise ConversionError(f"{file}: the speech tokens {tokenizer.speech_token(0)}... do not "
-                          f"run up to {SPECIAL_TOKENS[0]} (id {special_start}); re-export "
-                          "the run with sptlm convert to-hf")
-  size = Vocabulary(text_size, speech_size).size
+  speech_start, speech_size = _speech_run(tok)
+  own = speech_start is None or _is_sptlm_block(tok, speech_start + speech_size)
+  if own:
+    special_start = _special_start(tok, file)
+    text_size = special_start if speech_start is None else speech_start
+    speech_size = special_start - text_size
+    # The speech tokens fill the ids between: the last one sits just below the first special.
+    if speech_size < 0 or (speech_size and tok.token_to_id(
+        tokenizer.speech_token(speech_size - 1)) != special_start - 1):
+      raise ConversionError(f"{file}: the speech tokens {tokenizer.speech_token(0)}... do not "
+                            f"run up to {SPECIAL_TOKENS[0]} (id {special_start}); re-export "
+                            "the run with sptlm convert to-hf")
+    fields = {"text_size": text_size, "speech_size": speech_size, "speech_offset": -1,
+              "special_offset": -1, "special_ids": ()}
+  else:
+    # Adopted: every row is the base model's, its speech run and specials at their own ids.
+    named = [(name, tok.token_to_id(name)) for name in SPECIAL_TOKENS]
+    missing = [name for name, i in named if i is None]
+    if missing:
+      raise ConversionError(f"{file} has no {missing[0]} token: not a folder written by "
+                            "sptlm convert to-hf (its special tokens are missing)")
+    fields = {"text_size": vocab_size, "speech_size": speech_size,
+              "speech_offset": speech_start, "special_offset": -1,
+              "special_ids": tuple(sorted(named))}
+  try:
+    size = Vocabulary.of(**fields).size
+  except ValueError as e:
+    raise ConversionError(f"{file}: {e}") from None
   if size != vocab_size:
     raise ConversionError(f"{hf_dir / 'config.json'} vocab_size={vocab_size} but the tokenizer's "
-                          f"layout ({text_size} text, {speech_size} speech ids) needs {size}")
-  return text_size, speech_size
+                          f"layout ({fields['text_size']} text, {speech_size} speech ids) needs "
+                          f"{size}")
+  return fields
 
 
 def derive_config(hf_dir: epath.Path) -> tuple[Config, families.Family]:
   """The sptlm config of the exported model: math from config.json, the rest from the base."""
   hf = from_hf._load_hf_config(hf_dir)  # noqa: SLF001 - the one reader of HF configs
   fam, fields, vocab_size = families.from_hf_config(hf)
-  text_size, speech_size = vocabulary(hf_dir, vocab_size)
+  vocab = vocabulary(hf_dir, vocab_size)
   raw = _read_json(hf_dir / "config.json") or {}
   dtype = "bfloat16" if "bfloat16" in str(raw.get("dtype", raw.get("torch_dtype"))) else "float32"
   base = config_lib.load(BASE_CONFIG)
-  cfg, _ = families.derive(base, fields, text_size, (), str(hf_dir))
+  cfg, _ = families.derive(base, fields, vocab["text_size"], (), str(hf_dir),
+                           vocab_fields={k: v for k, v in vocab.items() if k != "text_size"})
   cfg = dataclasses.replace(
       cfg, name=hf_dir.name,
       model=dataclasses.replace(cfg.model, dtype=dtype, param_dtype="float32"),
-      vocab=dataclasses.replace(cfg.vocab, speech_size=speech_size, text_tokenizer=str(hf_dir)),
+      vocab=dataclasses.replace(cfg.vocab, text_tokenizer=str(hf_dir)),
       data=dataclasses.replace(cfg.data, seq_len=int(hf.max_position_embeddings)))
   try:
     config_lib.validate(cfg)

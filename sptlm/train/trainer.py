@@ -106,8 +106,8 @@ def _input(cfg: Config) -> tuple[Any, Any]:
                 process_index=jax.process_index(), process_count=jax.process_count())
   if d.shards:
     return mixture_input.shard_batches(str(paths.resolve(d.shards)), rates=dict(d.rates),
-                                       workers=d.workers, **common, vocab_sizes=(
-                                           cfg.vocab.text_size, cfg.vocab.speech_size))
+                                       workers=d.workers, **common,
+                                       vocab_sizes=program_lib.vocabulary(cfg))
   return text_input.corpus_batches(paths.resolve(d.corpus), paths.resolve(cfg.vocab.text_tokenizer),
                                    text_size=cfg.vocab.text_size, **common)
 
