@@ -5,4 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=test bash scripts/setup.sh
 export JAX_PLATFORMS=cpu
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Two worker processes, each test file whole on one of them (module fixtures train once); the
+# suite's subprocesses and XLA leave a single process well short of two busy cores.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${SPTLM_TEST_WORKERS:-2}" \
+  --dist loadfile "$@"
