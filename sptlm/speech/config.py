@@ -15,6 +15,7 @@ import ml_collections
 from sptlm import config as config_lib
 from sptlm.config import (ConfigError, MeshConfig, TrainConfig, check_at_least, check_choice,
                           check_positive, validate_mesh, validate_train)
+from sptlm.speech.augment import NOISE_COLORS, AugmentConfig
 
 KIND = "speech_tokenizer"  # the `kind` key of every speech tokenizer config file
 POSITIONS = ("sinusoid", "rope")  # model.positions (sptlm.speech.model)
@@ -98,6 +99,7 @@ class SpeechDataConfig:
   eval_utterances: int  # per eval split (0: all)
   cache_dir: str  # mel feature cache ("" : next to the corpus, else in the work directory)
   tune_split: str = ""  # at the end of training, choose lm_alpha / lm_beta on it ("": keep)
+  augment: AugmentConfig = AugmentConfig()  # training audio only (sptlm.speech.augment); off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +126,31 @@ def from_config_dict(cfg: ml_collections.ConfigDict | dict) -> SpeechTokenizerCo
   c = config_lib._convert(raw, SpeechTokenizerConfig, "")
   validate(c)
   return c
+
+
+def validate_augment(a: AugmentConfig) -> None:
+  """Probabilities in [0, 1], ranges with min <= max, and the values each effect can use."""
+  for effect in ("speed", "noise", "reverb", "telephone", "gain", "clip"):
+    p = getattr(a, f"{effect}_prob")
+    if not 0.0 <= p <= 1.0:
+      raise ConfigError(f"data.augment.{effect}_prob={p} must be within 0..1")
+  for name in ("speed", "noise_snr_db", "reverb_rt60", "reverb_wet", "gain_db", "clip_level"):
+    low, high = getattr(a, f"{name}_min"), getattr(a, f"{name}_max")
+    if low > high:
+      raise ConfigError(f"data.augment.{name}_min={low} must be at most "
+                        f"data.augment.{name}_max={high}")
+  check_positive("data.augment.speed_min", a.speed_min)
+  check_positive("data.augment.reverb_rt60_min", a.reverb_rt60_min)
+  check_positive("data.augment.clip_level_min", a.clip_level_min)
+  check_at_least("data.augment.reverb_wet_min", a.reverb_wet_min, 0.0)
+  if a.reverb_wet_max > 1.0 or a.clip_level_max > 1.0:
+    raise ConfigError(f"data.augment.reverb_wet_max={a.reverb_wet_max} and "
+                      f"data.augment.clip_level_max={a.clip_level_max} must be at most 1")
+  if not a.noise_colors:
+    raise ConfigError("data.augment.noise_colors is empty; give some of: "
+                      f"{', '.join(NOISE_COLORS)}")
+  for color in a.noise_colors:
+    check_choice("data.augment.noise_colors", color, NOISE_COLORS)
 
 
 def validate(c: SpeechTokenizerConfig) -> None:
@@ -190,6 +217,7 @@ def validate(c: SpeechTokenizerConfig) -> None:
                       f"longest bucket ({max(d.bucket_seconds)} s)")
   check_at_least("data.eval_every", d.eval_every, 1)
   check_at_least("data.eval_utterances", d.eval_utterances, 0, " (0: all)")
+  validate_augment(d.augment)
   if t.microbatches != 1:
     raise ConfigError(f"train.microbatches={t.microbatches}: the speech tokenizer batches by "
                       "length buckets; lower data.batch_seconds instead")

@@ -5,6 +5,9 @@ Each bucket has one padded length (data.bucket_seconds), so the step compiles on
 A batch holds data.batch_seconds of padded audio. The batch plan (which utterances go together,
 in which order, reshuffled every epoch) is fixed by the seed, and the grain iterator's position
 in it is saved with every checkpoint: a resumed run sees exactly the batches it would have.
+With data.augment enabled, training audio goes through sptlm.speech.augment first, with a
+generator keyed by (seed, batch index, utterance): resumed runs see the same audio too. Only
+`train_iterator` augments; evaluation reads its audio unchanged.
 
 Batch fields ([B, ...] numpy arrays, this process's rows only):
   mel [B, 8N, M] float32 (zero past the audio), valid [B, N] int32 (1 inside the audio),
@@ -22,12 +25,15 @@ import numpy as np
 import scipy.io.wavfile
 
 from sptlm.errors import InputError
+from sptlm.speech import augment as augment_lib
 from sptlm.speech import features
+from sptlm.speech.augment import AugmentConfig
 from sptlm.speech.corpus import ManifestSource, Utterance
 from sptlm.speech.units import Units, ctc_frames_needed
 
 log = logging.getLogger(__name__)
 TOKENS_PER_SECOND = features.SAMPLE_RATE / features.SAMPLES_PER_TOKEN  # 12.5
+AUGMENT_STREAM = 1  # keys augmentation apart from the batch plan's default_rng([seed, epoch])
 
 
 def num_tokens(num_samples: int) -> int:
@@ -128,6 +134,29 @@ class _Loader:
                       [self.data.labels[i] for i in rows], n, self.num_mels, n * self.up)
 
 
+class _AugmentingLoader:
+  """(plan position, entry) -> batch of augmented audio; speed perturbation keeps each
+  utterance inside its bucket and long enough for the CTC frames of its transcript."""
+
+  def __init__(self, base: _Loader, augment: AugmentConfig, seed: int):
+    self.base, self.augment, self.seed = base, augment, seed
+
+  def __call__(self, index: int, entry: tuple[int, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    base = self.base
+    bucket, members = entry
+    b, n = base.shapes[bucket]
+    rows = members[base.pi * b // base.pc:(base.pi + 1) * b // base.pc]
+    audios = []
+    for i in rows:
+      min_tokens = -(-ctc_frames_needed(base.data.labels[i]) // base.up)
+      rng = np.random.default_rng([self.seed, AUGMENT_STREAM, index, i])
+      audios.append(augment_lib.augment(
+          base.source.load(base.data.utts[i]), self.augment, rng,
+          min_samples=(min_tokens - 1) * features.SAMPLES_PER_TOKEN + 1,
+          max_samples=n * features.SAMPLES_PER_TOKEN))
+    return make_batch(audios, [base.data.labels[i] for i in rows], n, base.num_mels, n * base.up)
+
+
 def make_batch(audios: Sequence[np.ndarray], labels: Sequence[np.ndarray], n: int,
                num_mels: int, label_len: int) -> dict[str, np.ndarray]:
   """Pads audio to N tokens each and featurizes in one batched call."""
@@ -150,8 +179,10 @@ def make_batch(audios: Sequence[np.ndarray], labels: Sequence[np.ndarray], n: in
 def train_iterator(source: ManifestSource, data: Prepared, shapes: list[tuple[int, int]], *,
                    steps: int, seed: int, num_mels: int, ctc_upsample: int = 1,
                    short_first: bool = False, process_index: int = 0,
-                   process_count: int = 1) -> grain.DatasetIterator:
-  """A checkpointable iterator over `steps` (or more) batches."""
+                   process_count: int = 1,
+                   augment: AugmentConfig = AugmentConfig()) -> grain.DatasetIterator:
+  """A checkpointable iterator over `steps` (or more) batches; `augment` (data.augment, the
+  training split only) is off by default."""
   per_epoch = len(plan_batches(data.tokens, shapes, seed=seed, epochs=1))
   if per_epoch == 0:
     raise InputError(f"{len(data.utts)} utterances do not fill one batch of any bucket; lower "
@@ -159,5 +190,8 @@ def train_iterator(source: ManifestSource, data: Prepared, shapes: list[tuple[in
   plan = plan_batches(data.tokens, shapes, seed=seed, epochs=math.ceil(steps / per_epoch) + 1,
                       short_first=short_first)
   loader = _Loader(source, data, shapes, num_mels, ctc_upsample, process_index, process_count)
-  ds = grain.MapDataset.source(plan).map(loader)
+  if augment.enabled:
+    ds = grain.MapDataset.source(plan).map_with_index(_AugmentingLoader(loader, augment, seed))
+  else:
+    ds = grain.MapDataset.source(plan).map(loader)
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))

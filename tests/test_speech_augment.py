@@ -1,0 +1,286 @@
+"""Speech augmentation: each effect does what it says, the chain is seeded, and the input
+pipeline augments training batches only when data.augment is enabled."""
+
+import dataclasses
+import pathlib
+
+import numpy as np
+import pytest
+
+from sptlm.speech import augment
+from sptlm.speech import config as config_lib
+from sptlm.speech import input as input_lib
+from sptlm.speech.augment import AugmentConfig
+from sptlm.speech.corpus import Utterance
+from sptlm.speech.features import SAMPLE_RATE, SAMPLES_PER_TOKEN
+from sptlm.speech.units import ctc_frames_needed
+
+CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "speech_tokenizer_tiny.py"
+ALL_ON = AugmentConfig(enabled=True, speed_prob=1.0, noise_prob=1.0, reverb_prob=1.0,
+                       telephone_prob=1.0, gain_prob=1.0, clip_prob=1.0)
+
+
+def _speechlike(seconds: float, seed: int = 0) -> np.ndarray:
+  """Harmonics under a syllable-rate envelope, peak 0.5: a stand-in for speech."""
+  rng = np.random.default_rng(seed)
+  t = np.arange(round(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+  f0 = rng.uniform(100, 200)
+  x = sum(np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 6)) / k for k in range(1, 20))
+  x *= 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t)
+  return (0.5 * x / np.abs(x).max()).astype(np.float32)
+
+
+def _db(p: float) -> float:
+  return 10 * np.log10(p)
+
+
+# ---- Effects ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("color", augment.NOISE_COLORS)
+@pytest.mark.parametrize("snr_db", [0.0, 10.0, 25.0])
+def test_noise_hits_the_target_snr(color: str, snr_db: float) -> None:
+  x = _speechlike(1.0)
+  y = augment.add_noise(x, snr_db, color, np.random.default_rng(1))
+  noise = y.astype(np.float64) - x
+  measured = _db(np.mean(x.astype(np.float64) ** 2) / np.mean(noise ** 2))
+  assert abs(measured - snr_db) < 0.1
+  assert y.dtype == np.float32 and y.shape == x.shape
+
+
+def test_noise_colors_have_their_spectral_slopes() -> None:
+  """Power per octave: flat-spectrum noise gains 3 dB an octave, pink 0, brown loses 3."""
+  rng = np.random.default_rng(0)
+  for color, slope in (("white", 3.0), ("pink", 0.0), ("brown", -3.0)):
+    n = augment.colored_noise(2 ** 16, color, rng)
+    p = np.abs(np.fft.rfft(n)) ** 2
+    f = np.fft.rfftfreq(len(n), 1 / SAMPLE_RATE)
+    bands = [_db(p[(f >= lo) & (f < 2 * lo)].sum()) for lo in (250, 500, 1000, 2000)]
+    assert np.allclose(np.diff(bands), slope, atol=1.0), (color, bands)
+
+
+def test_silence_stays_silent_under_noise() -> None:
+  x = np.zeros(1600, np.float32)
+  assert np.array_equal(augment.add_noise(x, 10.0, "white", np.random.default_rng(0)), x)
+
+
+@pytest.mark.parametrize("factor", [0.9, 0.95, 1.0, 1.05, 1.1])
+def test_speed_changes_length_by_the_factor(factor: float) -> None:
+  x = _speechlike(2.0)
+  y = augment.speed(x, factor)
+  assert len(y) == int(np.ceil(len(x) / factor))
+  assert y.dtype == np.float32
+
+
+def test_speed_moves_the_pitch_with_it() -> None:
+  t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+  x = np.sin(2 * np.pi * 1000 * t).astype(np.float32)
+  y = augment.speed(x, 1.1)
+  f = np.fft.rfftfreq(len(y), 1 / SAMPLE_RATE)
+  assert abs(f[np.argmax(np.abs(np.fft.rfft(y)))] - 1100) < 2
+
+
+def test_telephone_removes_the_upper_band() -> None:
+  x = np.random.default_rng(0).uniform(-0.5, 0.5, SAMPLE_RATE).astype(np.float32)  # white
+  y = augment.telephone(x)
+  p = np.abs(np.fft.rfft(y)) ** 2
+  f = np.fft.rfftfreq(len(y), 1 / SAMPLE_RATE)
+  assert len(y) == len(x)
+  assert p[f > 4000].sum() / p.sum() < 0.01
+  assert p[f < 200].sum() / p.sum() < 0.01
+  assert p[(f > 500) & (f < 3000)].sum() / p.sum() > 0.8
+
+
+def _schroeder_rt60(h: np.ndarray) -> float:
+  """T20 x 3 from the backward-integrated energy decay curve (ISO 3382)."""
+  edc = _db(np.cumsum((h ** 2)[::-1])[::-1] / np.sum(h ** 2))
+  t = np.arange(len(h)) / SAMPLE_RATE
+  fit = (edc <= -5) & (edc >= -25)
+  slope = np.polyfit(t[fit], edc[fit], 1)[0]
+  return -60 / slope
+
+
+@pytest.mark.parametrize("rt60", [0.3, 0.6])
+def test_reverb_impulse_response_decays_at_rt60(rt60: float) -> None:
+  h = augment.room_impulse_response(rt60, np.random.default_rng(0))
+  assert np.isclose(np.sum(h ** 2), 1.0)
+  assert abs(_schroeder_rt60(h) - rt60) < 0.15 * rt60
+
+
+def test_reverb_fills_the_silence_after_a_burst() -> None:
+  x = np.zeros(SAMPLE_RATE, np.float32)
+  x[:4000] = np.random.default_rng(0).uniform(-0.5, 0.5, 4000)
+  y = augment.reverb(x, 0.5, 0.5, np.random.default_rng(1))
+  assert len(y) == len(x) and y.dtype == np.float32
+  tail = [_db(np.mean(y[s:s + 800] ** 2)) for s in (4000, 5600, 7200, 8800)]
+  assert np.all(np.diff(tail) < 0) and tail[0] > -40  # a tail where x is silent, decaying
+
+
+@pytest.mark.parametrize("db", [-12.0, -3.5, 0.0, 6.0])
+def test_gain_in_db_is_exact(db: float) -> None:
+  x = _speechlike(0.5)
+  y = augment.gain(x, db)
+  ratio = 20 * np.log10(np.sqrt(np.mean(y.astype(np.float64) ** 2) /
+                                np.mean(x.astype(np.float64) ** 2)))
+  assert abs(ratio - db) < 1e-4
+
+
+def test_clipping_bounds_the_waveform() -> None:
+  x = _speechlike(0.5)
+  y = augment.clip(x, 0.3)
+  assert np.abs(y).max() == np.float32(0.3)
+  inside = np.abs(x) < 0.3
+  assert np.array_equal(y[inside], x[inside])  # only the peaks change
+
+
+# ---- The chain -------------------------------------------------------------------------------
+
+
+def test_off_by_default_is_the_identity() -> None:
+  x = _speechlike(1.0)
+  assert AugmentConfig().enabled is False
+  assert augment.augment(x, AugmentConfig(), np.random.default_rng(0)) is x
+  zero = dataclasses.replace(ALL_ON, speed_prob=0.0, noise_prob=0.0, reverb_prob=0.0,
+                             telephone_prob=0.0, gain_prob=0.0, clip_prob=0.0)
+  assert np.array_equal(augment.augment(x, zero, np.random.default_rng(0)), x)
+
+
+def test_chain_is_deterministic_per_seed() -> None:
+  x = _speechlike(1.5)
+  cfg = AugmentConfig(enabled=True)
+  outs = {}
+  for seed in range(6):
+    a = augment.augment(x, cfg, np.random.default_rng([seed, 0, 7]))
+    b = augment.augment(x, cfg, np.random.default_rng([seed, 0, 7]))
+    assert a.tobytes() == b.tobytes()  # bit-identical
+    assert a.dtype == np.float32 and np.abs(a).max() <= 1.0
+    outs[seed] = a.tobytes()
+  assert len(set(outs.values())) == len(outs)  # every seed differs
+  full = augment.augment(x, ALL_ON, np.random.default_rng(3))
+  assert not np.array_equal(full[:len(x)], x[:len(full)])
+
+
+def test_speed_stays_within_the_length_bounds() -> None:
+  x = _speechlike(2.0)
+  cfg = dataclasses.replace(ALL_ON, noise_prob=0.0, reverb_prob=0.0, telephone_prob=0.0,
+                            gain_prob=0.0, clip_prob=0.0, speed_min=0.8, speed_max=1.2)
+  lengths = {len(augment.augment(x, cfg, np.random.default_rng(s), min_samples=len(x) - 800,
+                                 max_samples=len(x) + 800)) for s in range(20)}
+  assert all(len(x) - 800 <= n <= len(x) + 800 for n in lengths) and len(lengths) > 1
+  tight = augment.augment(x, cfg, np.random.default_rng(0), min_samples=len(x) + 5,
+                          max_samples=len(x) + 6)  # no factor on the grid fits: unchanged
+  assert np.array_equal(tight, x)
+
+
+# ---- Config and input pipeline ---------------------------------------------------------------
+
+
+def test_config_section_defaults_off_and_overrides() -> None:
+  assert config_lib.load(CONFIG).data.augment == AugmentConfig()
+  cfg = config_lib.load(CONFIG, ["--config.data.augment.enabled=True",
+                                 "--config.data.augment.speed_prob=1",
+                                 "--config.data.augment.noise_colors=('pink',)"])
+  assert cfg.data.augment.enabled and cfg.data.augment.speed_prob == 1.0
+  assert cfg.data.augment.noise_colors == ("pink",)
+  assert config_lib.from_json(config_lib.to_json(cfg)) == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.augment.noise_prob=1.5", "data.augment.noise_prob=1.5 must be within 0..1"),
+    ("data.augment.speed_min=1.2", "data.augment.speed_min=1.2 must be at most "
+                                   "data.augment.speed_max=1.1"),
+    ("data.augment.noise_colors=('blue',)", "data.augment.noise_colors='blue' is not one of"),
+    ("data.augment.clip_level_min=0", "data.augment.clip_level_min=0.0 must be above 0"),
+    ("data.augment.reverb_wet_max=2", "data.augment.reverb_wet_max=2.0 and"),
+    ("data.augment.loudness=1", "unknown config key 'data.augment.loudness'"),
+])
+def test_config_rejects_bad_values(override: str, message: str) -> None:
+  with pytest.raises(config_lib.ConfigError) as info:
+    config_lib.load(CONFIG, [f"--config.{override}"])
+  assert str(info.value).startswith(message), str(info.value)
+
+
+class _Source:
+  """Audio by utterance id: the part of a ManifestSource the loader uses."""
+
+  def __init__(self, audios: dict[str, np.ndarray]):
+    self.audios = audios
+
+  def load(self, utt: Utterance) -> np.ndarray:
+    return self.audios[utt.id]
+
+
+def _pipeline() -> tuple[_Source, input_lib.Prepared, list[tuple[int, int]]]:
+  rng = np.random.default_rng(0)
+  utts, audios, tokens, labels = [], {}, [], []
+  for k in range(16):
+    n = int(rng.integers(8, 20))  # tokens: fits the 1.6 s (20-token) bucket
+    x = _speechlike(n * SAMPLES_PER_TOKEN / SAMPLE_RATE, seed=k)
+    utts.append(Utterance(str(k), f"{k}.wav", "text", "train"))
+    audios[str(k)] = x
+    tokens.append(input_lib.num_tokens(len(x)))
+    labels.append(rng.integers(1, 30, int(rng.integers(3, 12))).astype(np.int32))
+  data = input_lib.Prepared(utts, np.asarray(tokens), labels, 0, 0)
+  return _Source(audios), data, input_lib.bucket_shapes((1.6,), 6.4, 1)
+
+
+def _batches(augment_cfg: AugmentConfig | None, steps: int = 3) -> list[dict[str, np.ndarray]]:
+  source, data, shapes = _pipeline()
+  kwargs = {} if augment_cfg is None else {"augment": augment_cfg}
+  it = input_lib.train_iterator(source, data, shapes, steps=steps, seed=5, num_mels=16,
+                                ctc_upsample=4, **kwargs)
+  return [next(it) for _ in range(steps)]
+
+
+def _equal(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> bool:
+  return all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+             for x, y in zip(a, b, strict=True))
+
+
+def test_pipeline_default_is_unchanged_and_augmented_batches_are_seeded() -> None:
+  plain = _batches(None)
+  assert _equal(plain, _batches(AugmentConfig()))  # the section's defaults: no change at all
+  assert _equal(plain, _batches(dataclasses.replace(ALL_ON, enabled=False)))
+  # without the keyword, batches are the original loader's: make_batch of the raw audio
+  source, data, shapes = _pipeline()
+  plan = input_lib.plan_batches(data.tokens, shapes, seed=5, epochs=1)
+  bucket, members = plan[0]
+  n = shapes[bucket][1]
+  first = input_lib.make_batch([source.load(data.utts[i]) for i in members],
+                               [data.labels[i] for i in members], n, 16, n * 4)
+  assert _equal(plain[:1], [first])
+
+  cfg = AugmentConfig(enabled=True)
+  on, again = _batches(cfg), _batches(cfg)
+  assert _equal(on, again)  # same seed: bit-identical batches
+  assert not any(np.array_equal(p["mel"], a["mel"]) for p, a in zip(plain, on))
+  for p, a in zip(plain, on):  # supervision untouched; speed keeps audio in its bucket
+    assert np.array_equal(p["labels"], a["labels"])
+    assert np.array_equal(p["label_paddings"], a["label_paddings"])
+    needed = [ctc_frames_needed(y[pad == 0]) for y, pad in zip(a["labels"], a["label_paddings"])]
+    assert np.all(a["valid"].sum(1) * 4 >= needed)
+
+
+def test_augmented_pipeline_resumes_exactly() -> None:
+  """The grain state saved with a checkpoint brings back the same augmented audio."""
+  source, data, shapes = _pipeline()
+  kwargs = dict(steps=3, seed=5, num_mels=16, ctc_upsample=4, augment=AugmentConfig(enabled=True))
+  it = input_lib.train_iterator(source, data, shapes, **kwargs)
+  next(it)
+  state = it.get_state()
+  expected = next(it)
+  resumed = input_lib.train_iterator(source, data, shapes, **kwargs)
+  resumed.set_state(state)
+  assert _equal([next(resumed)], [expected])
+
+
+def test_eval_audio_is_never_augmented() -> None:
+  """Only train_iterator takes data.augment: the eval path (source.load + make_batch, or the
+  tokenizer's encode) has no way to receive it, whatever the config says."""
+  import inspect
+
+  cfg = config_lib.load(CONFIG, ["--config.data.augment.enabled=True"])
+  assert cfg.data.augment.enabled
+  assert "augment" in inspect.signature(input_lib.train_iterator).parameters
+  for fn in (input_lib.make_batch, input_lib.prepare):
+    assert "augment" not in inspect.signature(fn).parameters
