@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TextIO
 
 from sptlm import paths
-from sptlm.errors import MissingFileError, UserError
+from sptlm.errors import InputError, MissingFileError, UserError
 
 DEFAULT_CONFIG = "configs/speech_tokenizer_tiny.py"
 
@@ -37,6 +37,10 @@ def cmd_build_corpus(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   _no_overrides(overrides, "build-corpus")
   from sptlm.speech import corpus
   texts = [pathlib.Path(t) for t in args.text]
+  engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+  if not engines:
+    raise InputError("--engines is empty; name one or more of "
+                     f"{','.join(corpus.ENGINES)}")
   if args.fortunes:
     if not corpus.FORTUNES_DIR.is_dir():
       raise MissingFileError(f"--fortunes: {corpus.FORTUNES_DIR} not found; "
@@ -48,10 +52,14 @@ def cmd_build_corpus(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   meta = corpus.build_corpus(args.out, texts=texts, seed=args.seed, num_train=args.train,
                              num_test=args.test, num_dev=args.dev,
                              heldout_variants=args.heldout_variants,
-                             workers=args.workers)
+                             workers=args.workers, engines=engines,
+                             heldout_engine=args.heldout_engine,
+                             log=lambda line: print(line, file=sys.stderr))
   print(json.dumps({"out": str(args.out), "counts": meta["counts"],
                     "hours": meta.get("hours"), "heldout_voices": len(meta["heldout_voices"]),
-                    "train_voices": len(meta["train_voices"])}))
+                    "train_voices": len(meta["train_voices"]),
+                    **{k: meta[k] for k in ("engines", "heldout_engine", "skipped_engines",
+                                            "failed") if k in meta}}))
   return 0
 
 
@@ -217,6 +225,34 @@ def _token_lines(path: str) -> Iterator[tuple[int, dict]]:
       yield i, row if isinstance(row, dict) else {"error": f"line {i + 1} is not an object"}
 
 
+def cmd_evaluate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  _no_overrides(overrides, "evaluate")
+  from sptlm.speech import corpus, robust_eval
+  from sptlm.speech.tokenizer import SpeechTokenizer
+  splits = [s for s in args.splits.split(",") if s]
+  conditions = [c for c in args.conditions.split(",") if c]
+  bad = [c for c in conditions if c not in robust_eval.CONDITIONS]
+  if bad:
+    raise InputError(f"--conditions: unknown {', '.join(bad)}; choose from "
+                     f"{','.join(robust_eval.CONDITIONS)}")
+  source = corpus.ManifestSource(paths.resolve(args.corpus))
+  tok = SpeechTokenizer.load(args.workdir, batch=args.batch)
+  if not getattr(tok, "can_transcribe", True):
+    raise UserError(f"--workdir {args.workdir} is an imported WhisperVQ tokenizer: it has no "
+                    "ASR head, so WER cannot be measured")
+  result = robust_eval.evaluate(tok, source, splits=splits, conditions=conditions,
+                                limit=args.limit, seed=args.seed,
+                                log=lambda line: print(line, file=sys.stderr))
+  result = {"workdir": str(args.workdir), "corpus": str(args.corpus), **result}
+  text = json.dumps(result, indent=2) + "\n"
+  if args.out:
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+  print(robust_eval.table(result))
+  return 0
+
+
 def cmd_transcribe(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   _no_overrides(overrides, "transcribe")
   if bool(args.tokens) == bool(args.audio or args.list):
@@ -298,7 +334,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
   sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
 
   q = sub.add_parser(
-      "build-corpus", help="render text to speech with espeak-ng (16 kHz, with transcripts)",
+      "build-corpus", help="render text to speech with espeak-ng and other TTS engines (16 kHz)",
       description="Renders sentences to 16 kHz speech with many espeak-ng voices, rates and "
       "pitches; splits train / test (held-out sentences) / test_voices (held-out sentences "
       "and voices) / dev (other held-out sentences), and lm_text.txt (the sources' sentences "
@@ -318,9 +354,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                  help="other held-out sentences, for tuning and evals in training (default: 200)")
   q.add_argument("--heldout-variants", type=int, default=8,
                  help="espeak-ng voice variants kept out of training (default: 8)")
+  q.add_argument("--engines", default="espeak",
+                 help="comma-separated TTS engines: espeak, mbrola, flite, festival, piper "
+                 "(default: espeak). One not installed is skipped with a line on stderr")
+  q.add_argument("--heldout-engine", default="",
+                 help="an engine of --engines never heard in training: it says only the "
+                 "held-out sentences, as split test_engine")
   q.add_argument("--seed", type=int, default=0)
   q.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                 help="parallel espeak-ng processes (default: CPU count)")
+                 help="parallel synthesis jobs (default: CPU count)")
   q.set_defaults(func=cmd_build_corpus)
 
   q = sub.add_parser(
@@ -375,6 +417,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
   q.add_argument("audio", nargs="*", help="WAV files")
   _batch_args(q)
   q.set_defaults(func=cmd_encode)
+
+  q = sub.add_parser(
+      "evaluate", help="WER, CER, code usage and token agreement per TTS engine and condition",
+      description="Scores a trained tokenizer on a built corpus's held-out splits, per engine "
+      "(the manifest's `engine`) and condition: clean, noisy (pink noise at 10 dB SNR), "
+      "telephone (300-3400 Hz through 8 kHz). Prints a table; --out writes the JSON.")
+  q.add_argument("--workdir", required=True, help="a `tokenizer train` work directory")
+  q.add_argument("--corpus", required=True, help="a build-corpus directory or manifest")
+  q.add_argument("--splits", default="test,test_engine",
+                 help="held-out splits, comma-separated (default: test,test_engine)")
+  q.add_argument("--conditions", default=",".join(("clean", "noisy", "telephone")),
+                 help="comma-separated, of clean,noisy,telephone (default: all)")
+  q.add_argument("--limit", type=int, default=0,
+                 help="at most this many utterances per split and engine (default: all)")
+  q.add_argument("--seed", type=int, default=0, help="seed of the noise (default: 0)")
+  q.add_argument("--batch", type=int, default=16, help="windows per encoder call")
+  q.add_argument("--out", help="write the full results as JSON here")
+  q.set_defaults(func=cmd_evaluate)
 
   q = sub.add_parser(
       "transcribe", help="audio or tokens -> text through the bottleneck (JSON lines)",

