@@ -5,13 +5,15 @@ cd "$(dirname "$0")/.."
 # Text-to-speech engines render the speech tokenizer's real-audio corpora (sptlm tokenizer
 # build-corpus --engines espeak,mbrola,flite,festival): espeak-ng, Flite, Festival with its
 # English voices, MBROLA's English voices (Debian contrib/non-free, read through a private
-# source list so the machine's own is untouched), and Debian's fortunes for modern English.
+# source list so the machine's own is untouched), and modern English text: Debian's fortunes
+# (corpus and LM) and WordNet (wordnet-base: `sptlm tokenizer fetch-lm-text --source wordnet`).
 # Anything that fails to install is one line here; build-corpus then skips that engine.
-TTS_DEBS="espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts fortunes"
+TTS_DEBS="espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts fortunes wordnet-base"
 MBROLA_DEBS="mbrola mbrola-us1 mbrola-us2 mbrola-us3 mbrola-en1"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   if ! command -v espeak-ng >/dev/null || ! command -v flite >/dev/null \
-      || ! command -v text2wave >/dev/null || [ ! -d /usr/share/games/fortunes ]; then
+      || ! command -v text2wave >/dev/null || [ ! -d /usr/share/games/fortunes ] \
+      || [ ! -d /usr/share/wordnet ]; then
     echo "setup: installing TTS engines with apt-get ($TTS_DEBS)" >&2
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $TTS_DEBS; } \
       >/dev/null 2>&1 || echo "setup: apt-get could not install some of: $TTS_DEBS" >&2

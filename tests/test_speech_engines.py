@@ -187,3 +187,35 @@ def test_conditions_are_deterministic_and_do_what_they_say():
   assert spec[freqs > 4000].sum() < 0.01 * spec.sum()  # the 6 kHz tone is gone
   with pytest.raises(ValueError, match="unknown condition"):
     robust_eval.condition(x, "underwater", rng)
+
+
+def test_wordnet_text_for_the_lm(tmp_path):
+  """fetch-lm-text --source wordnet: definitions and quoted examples become sentences; the
+  license header is not text; a missing install is one line naming the package."""
+  from sptlm.errors import MissingFileError
+  from sptlm.speech import lm_text
+  root = tmp_path / "wordnet"
+  root.mkdir()
+  header = "  1 This software and database is being provided to you, the LICENSEE, by  \n"
+  (root / "data.noun").write_text(
+      header + '03151077 06 n 01 cup 0 003 @ 03147509 n 0000 | a small open container usually '
+      'used for drinking; usually has a handle; "he put the cup back in the saucer"\n')
+  (root / "data.verb").write_text(
+      header + '01170052 34 v 01 drink 0 001 @ 01166351 v 0000 | take in liquids; "The patient '
+      'must drink several liters each day"\n')
+  (root / "data.adj").write_text(header)
+  (root / "data.adv").write_text(header)
+  assert lm_text.wordnet_sentences(root) == [
+      "A small open container usually used for drinking.", "Usually has a handle.",
+      "He put the cup back in the saucer.", "Take in liquids.",
+      "The patient must drink several liters each day."]
+  out = lm_text.write_wordnet(tmp_path / "out", root)
+  read = lm_text.read([out], heldout=["take in liquids"])
+  assert read.sentences[0] == "a small open container usually used for drinking"
+  assert read.dropped_sentences == 1 and len(read.sentences) == 4
+  (root / "data.adv").unlink()
+  with pytest.raises(MissingFileError, match="apt-get install wordnet-base"):
+    lm_text.wordnet_sentences(root)
+  if lm_text.WORDNET_DIR.is_dir():  # the real Debian package
+    real = lm_text.wordnet_sentences()
+    assert len(real) > 150_000 and "The children were playing house." in real

@@ -403,3 +403,50 @@ def test_eval_speech_from_audio_through_the_tokenizer(trained, corpus_dir, tmp_p
   want = [r["tokens"] for r in tok.encode_files(wavs[:1])][0]
   assert [e["prompt_tokens"] for e in spoken_answers][0] == len(
       lm.tokenizer.encode("Question: ")) + len(want) + 2 + len(lm.tokenizer.encode("\nAnswer:")) + 1
+
+
+def test_evaluate_per_engine_and_condition(trained, tmp_path, env):
+  """`sptlm tokenizer evaluate` on a corpus said by several engines: one row per split, engine
+  and condition, its clean WER/CER the tokenizer's own transcripts scored directly, token
+  agreement for every pair of engines; and a work directory written before data.augment
+  existed still loads with the same codes."""
+  from sptlm.speech import corpus as corpus_lib
+  from sptlm.speech import engines as engines_lib
+  from sptlm.speech import wer as wer_lib
+  from sptlm.speech.tokenizer import SpeechTokenizer
+  names = ["espeak"] + [e for e in ("flite", "piper") if engines_lib.get(e).missing() is None]
+  text = tmp_path / "sentences.txt"
+  text.write_text("\n\n".join(s.capitalize() + "." for s in SENTENCES) + "\n")
+  corpus = tmp_path / "corpus"
+  _, err = _run(["build-corpus", "--out", str(corpus), "--text", str(text),
+                 "--no-default-text", "--train", "4", "--test", "2", "--dev", "1",
+                 "--heldout-variants", "4", "--engines", ",".join(names),
+                 "--heldout-engine", names[-1]], env)
+  out, _ = _run(["evaluate", "--workdir", str(trained), "--corpus", str(corpus),
+                 "--out", str(tmp_path / "eval.json")], env)
+  result = json.loads((tmp_path / "eval.json").read_text())
+  cells = {(r["split"], r["engine"], r["condition"]): r for r in result["cells"]}
+  want = {("test", e) for e in names[:-1]} | {("test_engine", names[-1])}
+  assert set(cells) == {(s, e, c) for s, e in want for c in ("clean", "noisy", "telephone")}
+  assert "| test | espeak | 2 |" in out
+  tok = SpeechTokenizer.load(str(trained))
+  source = corpus_lib.ManifestSource(corpus)
+  utts = [u for u in source.utterances("test") if u.engine == "espeak"]
+  hyps = tok.decode(tok.encode([source.load(u) for u in utts]))
+  refs = [u.text for u in utts]
+  clean = cells[("test", "espeak", "clean")]
+  assert clean["wer"] == pytest.approx(wer_lib.wer(refs, hyps))
+  assert clean["cer"] == pytest.approx(wer_lib.cer(refs, hyps))
+  assert 0 < clean["code_usage"] <= 1
+  pairs = result["agreement"]["across_engines"]
+  assert len(pairs) == len(names) * (len(names) - 1) // 2
+  assert all(p["sentences"] == 2 and 0 <= p["agreement"] <= 1 for p in pairs.values())
+  # an older work directory: its config.json has no data.augment
+  old = tmp_path / "old_run"
+  shutil.copytree(trained, old)
+  raw = json.loads((old / "config.json").read_text())
+  raw["data"].pop("augment", None)
+  (old / "config.json").write_text(json.dumps(raw))
+  audio = [source.load(u) for u in utts]
+  for a, b in zip(SpeechTokenizer.load(str(old)).encode(audio), tok.encode(audio)):
+    np.testing.assert_array_equal(a, b)

@@ -1,7 +1,9 @@
 """The 12.5 Hz supervised speech tokenizer: espeak-ng corpus, Whisper-style VQ encoder with a
 CTC head, its trainer, and the `SpeechTokenizer` API (tokens from audio, text from tokens).
 
-  corpus.py    build-corpus (espeak-ng) and the corpora users bring (manifests, TFDS)
+  corpus.py    build-corpus and the corpora users bring (manifests, TFDS)
+  engines.py   TTS engines for build-corpus (espeak-ng, MBROLA, Flite, Festival, Piper)
+  augment.py   training-audio augmentation                  robust_eval.py  `tokenizer evaluate`
   audio.py     WAV reading, resampling to 16 kHz, checks       features.py  log-mel (Whisper v3)
   model.py     encoder, VQ bottleneck, CTC head                 vq.py        EMA codebook, restarts
   units.py     ASR units (SentencePiece) and CTC decoding       wer.py       word error rate

