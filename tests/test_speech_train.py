@@ -441,6 +441,15 @@ def test_evaluate_per_engine_and_condition(trained, tmp_path, env):
   pairs = result["agreement"]["across_engines"]
   assert len(pairs) == len(names) * (len(names) - 1) // 2
   assert all(p["sentences"] == 2 and 0 <= p["agreement"] <= 1 for p in pairs.values())
+  assert clean["one_token_per_1280_samples"]
+  # long audio in windows vs one pass (a small window so these short clips span several)
+  from sptlm.speech import robust_eval
+  long = np.concatenate([source.load(u) for u in source.utterances("test")])
+  windowed = SpeechTokenizer.load(str(trained))
+  windowed.window = 60  # more than its 2 x 25 tokens of context
+  res = robust_eval.chunked_vs_whole(windowed, long)
+  assert res["tokens"] == res["tokens_whole"] == -(-len(long) // 1280) > 60
+  assert res["agreement"] == 1.0
   # an older work directory: its config.json has no data.augment
   old = tmp_path / "old_run"
   shutil.copytree(trained, old)

@@ -19,9 +19,11 @@ from tqdm import tqdm
 from sptlm.speech import augment as augment_lib
 from sptlm.speech import wer as wer_lib
 from sptlm.speech.corpus import ManifestSource, Utterance
+from sptlm.speech.features import SAMPLE_RATE
 from sptlm.speech.tokenizer import SpeechTokenizer
 
 NOISY_SNR_DB = 10.0
+SAMPLES_PER_TOKEN = SAMPLE_RATE * 2 // 25  # 1,280: one token per 80 ms
 CONDITIONS = ("clean", "noisy", "telephone")
 
 
@@ -72,12 +74,17 @@ class Cell:
   codes: list[np.ndarray]
   hyps: list[str]
   greedy: list[str]
+  samples: list[int]  # audio length of each utterance
 
   def scores(self, k: int) -> dict:
     refs = [u.text for u in self.utts]
+    seconds = sum(self.samples) / SAMPLE_RATE
     return {"utterances": len(refs), "wer": wer_lib.wer(refs, self.hyps),
             "cer": wer_lib.cer(refs, self.hyps), "wer_greedy": wer_lib.wer(refs, self.greedy),
-            "cer_greedy": wer_lib.cer(refs, self.greedy), **code_stats(self.codes, k)}
+            "cer_greedy": wer_lib.cer(refs, self.greedy), **code_stats(self.codes, k),
+            "audio_s": round(seconds, 1),
+            "one_token_per_1280_samples": all(
+                len(c) == -(-n // SAMPLES_PER_TOKEN) for c, n in zip(self.codes, self.samples))}
 
 
 def run_cell(tok: SpeechTokenizer, source: ManifestSource, utts: list[Utterance], cond: str,
@@ -89,7 +96,19 @@ def run_cell(tok: SpeechTokenizer, source: ManifestSource, utts: list[Utterance]
   codes = tok.encode(audios)
   hyps = tok.decode(codes)
   greedy = [tok.units.greedy(lp.argmax(-1)) for lp in tok.log_probs(codes)]
-  return Cell(utts, codes, hyps, greedy)
+  return Cell(utts, codes, hyps, greedy, [len(a) for a in audios])
+
+
+def chunked_vs_whole(tok: SpeechTokenizer, audio: np.ndarray) -> dict:
+  """Long audio encoded in the tokenizer's windows vs in one piece: the share of equal tokens
+  (rotary positions and a bounded receptive field make it 1.0)."""
+  chunked = tok.encode([audio])[0]
+  whole_tok = SpeechTokenizer(tok.cfg, tok.units, tok.params, tok.vq_state, batch=1)
+  whole_tok.window = len(chunked) + 1
+  whole = whole_tok.encode([audio])[0]
+  return {"seconds": round(len(audio) / SAMPLE_RATE, 2), "tokens": len(chunked),
+          "tokens_whole": len(whole), "agreement": float(np.mean(chunked == whole))
+          if len(chunked) == len(whole) else 0.0}
 
 
 def _by_engine(utts: Sequence[Utterance]) -> dict[str, list[Utterance]]:
@@ -102,8 +121,11 @@ def _by_engine(utts: Sequence[Utterance]) -> dict[str, list[Utterance]]:
 def evaluate(tok: SpeechTokenizer, source: ManifestSource, *,
              splits: Sequence[str] = ("test", "test_engine"),
              conditions: Sequence[str] = CONDITIONS, limit: int = 0, seed: int = 0,
-             progress: bool = True, log: Callable[[str], None] = print) -> dict:
-  """{"cells": [{split, engine, condition, wer, cer, ...}], "agreement": {...}}."""
+             long_seconds: float = 60.0, progress: bool = True,
+             log: Callable[[str], None] = print) -> dict:
+  """{"cells": [{split, engine, condition, wer, cer, ...}], "agreement": {...}, "long_audio":
+  {...}}: long_audio is `long_seconds` of one group's speech (when longer than a window)
+  encoded in windows and in one piece."""
   for c in conditions:
     if c not in CONDITIONS:
       raise ValueError(f"unknown condition {c!r}; choose from {', '.join(CONDITIONS)}")
@@ -123,7 +145,14 @@ def evaluate(tok: SpeechTokenizer, source: ManifestSource, *,
   k = tok.codebook_size
   rows = [{"split": s, "engine": e, "condition": c, **cell.scores(k)}
           for (s, e, c), cell in cells.items()]
-  return {"cells": rows, "agreement": agreements(cells, conditions)}
+  result = {"cells": rows, "agreement": agreements(cells, conditions)}
+  if long_seconds and groups:  # 30 s windows vs one pass, on the last group's speech
+    _, _, utts = groups[-1]
+    audio = np.concatenate([source.load(u) for u in utts[:60]])[:int(long_seconds
+                                                                       * SAMPLE_RATE)]
+    if len(audio) > tok.window * SAMPLES_PER_TOKEN:
+      result["long_audio"] = chunked_vs_whole(tok, audio)
+  return result
 
 
 def agreements(cells: dict[tuple[str, str, str], Cell], conditions: Sequence[str]) -> dict:
@@ -160,6 +189,10 @@ def table(result: dict) -> str:
             for c in cells]
     row.append(f"{first['code_usage']:.0%}")
     lines.append("| " + " | ".join(row) + " |")
+  long = result.get("long_audio")
+  if long:
+    lines += ["", f"{long['seconds']} s of speech in windows vs one pass: {long['tokens']} vs "
+              f"{long['tokens_whole']} tokens, {long['agreement']:.1%} equal"]
   agree = result.get("agreement", {}).get("across_engines", {})
   if agree:
     lines += ["", "| engines | sentences | token agreement |", "| --- | --- | --- |"]
