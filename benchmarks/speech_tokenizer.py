@@ -42,13 +42,6 @@ def _sptlm(args: list[str]) -> None:
   subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def _code_stats(codes: list[np.ndarray], k: int) -> dict[str, float]:
-  counts = np.bincount(np.concatenate(codes), minlength=k)
-  p = counts[counts > 0] / counts.sum()
-  return {"code_usage": float(np.mean(counts > 0)),
-          "code_perplexity": float(np.exp(-np.sum(p * np.log(p))))}
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--corpus", default="runs/speech_corpus")
@@ -79,6 +72,7 @@ def main() -> None:
 
   import jax
   from sptlm.speech import corpus as corpus_lib
+  from sptlm.speech import robust_eval
   from sptlm.speech import wer as wer_lib
   from sptlm.speech.tokenizer import SpeechTokenizer
   tok = SpeechTokenizer.load(args.workdir, batch=16)
@@ -122,22 +116,16 @@ def main() -> None:
                      "tokens_per_s": sum(map(len, codes)) / seconds,
                      "one_token_per_1280_samples": exact,
                      "encode_audio_s_per_s": seconds / enc_s,
-                     **_code_stats(codes, tok.codebook_size),
+                     **robust_eval.code_stats(codes, tok.codebook_size),
                      "examples": [{"ref": u.text, "hyp": h} for u, h in
                                   list(zip(utts, hyps))[:3]]}
     heldout_codes += codes
-  result["heldout_codes"] = _code_stats(heldout_codes, tok.codebook_size)
+  result["heldout_codes"] = robust_eval.code_stats(heldout_codes, tok.codebook_size)
 
   # Long audio: 60 s of held-out speech, encoded in 30 s windows vs in one piece.
   utts = source.utterances("test")
   long = np.concatenate([source.load(u) for u in utts[:40]])[:60 * 16_000]
-  chunked = tok.encode([long])[0]
-  whole_tok = SpeechTokenizer(tok.cfg, tok.units, tok.params, tok.vq_state, batch=1)
-  whole_tok.window = len(chunked) + 1
-  whole = whole_tok.encode([long])[0]
-  result["long_audio"] = {"seconds": len(long) / 16_000, "tokens": len(chunked),
-                          "tokens_whole": len(whole),
-                          "agreement_chunked_vs_whole": float(np.mean(chunked == whole))}
+  result["long_audio"] = robust_eval.chunked_vs_whole(tok, long)
   out = pathlib.Path(args.workdir) / "benchmark.json"
   out.write_text(json.dumps(result, indent=2) + "\n")
   print(json.dumps(result, indent=2))

@@ -294,7 +294,7 @@ def available_engines(names: Sequence[str], *, log=print) -> tuple[dict[str, lis
       except MissingFileError as e:
         why = str(e)
     if why is None:
-      have[name] = VARIANTS if name == "espeak" else engine.voices()
+      have[name] = engine.voices()
     else:
       skipped[name] = why
       log(f"build-corpus: skipping engine {name}: {why}")

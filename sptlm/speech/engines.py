@@ -13,6 +13,7 @@ Every engine renders one sentence with a voice and three settings drawn per utte
 16 kHz mono float32. An engine that is not installed says so in one line (`missing`).
 """
 
+import abc
 import dataclasses
 import importlib.util
 import pathlib
@@ -70,31 +71,38 @@ def _gain(x: np.ndarray, percent: int) -> np.ndarray:
   return np.clip(x * (percent / 100.0), -1.0, 1.0).astype(np.float32)
 
 
-class Engine:
+class Engine(abc.ABC):
   name = ""
   ranges = PERCENT_RANGES
 
+  @abc.abstractmethod
   def voices(self) -> list[str]:
-    raise NotImplementedError
+    """The voices this engine can render here."""
 
+  @abc.abstractmethod
   def missing(self) -> str | None:
     """Why this engine cannot render here (one line), or None."""
-    raise NotImplementedError
 
   def draw(self, rng: np.random.Generator, voice: str) -> Settings:
     del voice
     return Settings(*(int(rng.integers(lo, hi + 1)) for lo, hi in
                       (self.ranges["rate"], self.ranges["pitch"], self.ranges["amplitude"])))
 
+  @abc.abstractmethod
   def render(self, sentence: str, voice: str, s: Settings) -> np.ndarray:
-    raise NotImplementedError
+    """16 kHz mono float32 samples of `sentence`; EngineError when the engine fails."""
 
 
 class Espeak(Engine):
-  """espeak-ng itself; `voices()` is corpus.py's accent x variant list, set by the planner."""
+  """espeak-ng itself. Its voices are variants (corpus.VARIANTS); the planner pairs them with
+  accents and holds some variants out (corpus.voices)."""
 
   name = "espeak"
   ranges = ESPEAK_RANGES
+
+  def voices(self) -> list[str]:
+    from sptlm.speech.corpus import VARIANTS  # corpus imports this module
+    return list(VARIANTS)
 
   def missing(self) -> str | None:
     return None if shutil.which("espeak-ng") else f"espeak-ng is not installed ({INSTALL_HINT})"
