@@ -14,8 +14,9 @@ time "${SPTLM[@]}" build-corpus --out "$CORPUS" --fortunes \
   --engines espeak,mbrola,flite,festival,piper --heldout-engine piper \
   --train 10000 --test 300 --dev 200
 time "${SPTLM[@]}" fetch-lm-text --out runs/lm_text/shakespeare
+time "${SPTLM[@]}" fetch-lm-text --source wordnet --out runs/lm_text/wordnet
 time "${SPTLM[@]}" train --config configs/speech_tokenizer_robust.py --workdir "$WORKDIR" \
-  --config.data.corpus="$CORPUS" "--config.asr.lm_text=('runs/lm_text/shakespeare',)" "$@"
+  --config.data.corpus="$CORPUS" "--config.asr.lm_text=('runs/lm_text/shakespeare','runs/lm_text/wordnet')" "$@"
 time "${SPTLM[@]}" evaluate --workdir "$WORKDIR" --corpus "$CORPUS" \
   --splits test,test_engine,test_voices --out "$WORKDIR/evaluate.json"
 if [ -d runs/speech_tiny ]; then

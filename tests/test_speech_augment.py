@@ -12,7 +12,7 @@ from sptlm.speech import config as config_lib
 from sptlm.speech import input as input_lib
 from sptlm.speech.augment import AugmentConfig
 from sptlm.speech.corpus import Utterance
-from sptlm.speech.features import SAMPLE_RATE, SAMPLES_PER_TOKEN
+from sptlm.speech.features import SAMPLE_RATE, SAMPLES_PER_TOKEN, log_mel
 from sptlm.speech.units import ctc_frames_needed
 
 CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "speech_tokenizer_tiny.py"
@@ -172,6 +172,58 @@ def test_speed_stays_within_the_length_bounds() -> None:
   assert np.array_equal(tight, x)
 
 
+# ---- Feature effects (VTLP warp, SpecAugment masks) ------------------------------------------
+
+
+def _tone(hz: float, seconds: float = 0.5) -> np.ndarray:
+  t = np.arange(round(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+  return (0.5 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+@pytest.mark.parametrize("factor", [0.9, 1.12])
+def test_warp_moves_a_tone_as_the_factor_says(factor: float) -> None:
+  """A 1 kHz tone warped by `factor` peaks in the bin of a (factor x 1 kHz) tone."""
+  warped = augment.warp_frequency(log_mel(_tone(1000.0), 128), factor)
+  target = log_mel(_tone(1000.0 * factor), 128)
+  assert abs(int(warped.mean(0).argmax()) - int(target.mean(0).argmax())) <= 1
+  assert int(warped.mean(0).argmax()) != int(log_mel(_tone(1000.0), 128).mean(0).argmax())
+
+
+def test_warp_by_one_is_the_identity_and_keeps_the_band_edges() -> None:
+  mel = log_mel(_speechlike(0.5), 64)
+  np.testing.assert_allclose(augment.warp_frequency(mel, 1.0), mel, atol=1e-6)
+  nyquist = SAMPLE_RATE / 2
+  for factor in (0.85, 1.15):
+    f = np.linspace(0, nyquist, 1001)
+    src = augment.vtlp_source_hz(f, factor)
+    assert src[0] == 0.0 and src[-1] == pytest.approx(nyquist)
+    assert np.all(np.diff(src) > 0)  # monotone: no band folds over another
+
+
+def test_masks_hold_the_mean_stay_inside_the_audio_and_are_seeded() -> None:
+  mel = log_mel(_speechlike(2.0), 64)  # 200 frames
+  padded = np.concatenate([mel, np.zeros((40, 64), np.float32)])  # padding after the audio
+  cfg = AugmentConfig(enabled=True, freq_masks=2, freq_mask_bins=10, time_masks=2,
+                      time_mask_frames=30, time_mask_ratio=0.1)
+  seen_f = seen_t = 0
+  for seed in range(20):
+    out = augment.augment_features(padded, 200, cfg, np.random.default_rng(seed))
+    again = augment.augment_features(padded, 200, cfg, np.random.default_rng(seed))
+    assert out.tobytes() == again.tobytes()
+    assert np.array_equal(out[200:], padded[200:])  # padding untouched
+    changed = out[:200] != mel
+    rows, cols = changed.all(1), changed.all(0)  # whole masked frames / whole masked bins
+    value = float(mel.mean())
+    assert np.all(out[:200][rows] == np.float32(value))
+    assert np.all(out[:200][:, cols] == np.float32(value))
+    assert cols.sum() <= 2 * 10 and rows.sum() <= 2 * 20  # 20 = 10% of 200 frames < 30
+    assert np.all(changed == (rows[:, None] | cols[None, :]))  # nothing else changes
+    seen_f, seen_t = seen_f + cols.any(), seen_t + rows.any()
+  assert seen_f > 10 and seen_t > 10
+  assert augment.augment_features(padded, 200, AugmentConfig(enabled=True),
+                                  np.random.default_rng(0)) is padded  # off unless set
+
+
 # ---- Config and input pipeline ---------------------------------------------------------------
 
 
@@ -193,6 +245,11 @@ def test_config_section_defaults_off_and_overrides() -> None:
     ("data.augment.clip_level_min=0", "data.augment.clip_level_min=0.0 must be above 0"),
     ("data.augment.reverb_wet_max=2", "data.augment.reverb_wet_max=2.0 and"),
     ("data.augment.loudness=1", "unknown config key 'data.augment.loudness'"),
+    ("data.augment.warp_prob=2", "data.augment.warp_prob=2.0 must be within 0..1"),
+    ("data.augment.warp_min=1.2", "data.augment.warp_min=1.2 must be at most "
+                                  "data.augment.warp_max=1.1"),
+    ("data.augment.freq_masks=-1", "data.augment.freq_masks=-1 must be at least 0"),
+    ("data.augment.time_mask_ratio=1.5", "data.augment.time_mask_ratio=1.5 must be within 0..1"),
 ])
 def test_config_rejects_bad_values(override: str, message: str) -> None:
   with pytest.raises(config_lib.ConfigError) as info:
@@ -259,6 +316,27 @@ def test_pipeline_default_is_unchanged_and_augmented_batches_are_seeded() -> Non
     assert np.array_equal(p["label_paddings"], a["label_paddings"])
     needed = [ctc_frames_needed(y[pad == 0]) for y, pad in zip(a["labels"], a["label_paddings"])]
     assert np.all(a["valid"].sum(1) * 4 >= needed)
+
+
+def test_feature_effects_leave_the_audio_chain_as_it_was() -> None:
+  """Masks draw from their own stream: outside the masked cells, the batches are exactly those
+  of the audio chain alone; a resumed run sees the same masks."""
+  audio_only = AugmentConfig(enabled=True)
+  masked = dataclasses.replace(audio_only, freq_masks=1, freq_mask_bins=4, time_masks=1,
+                               time_mask_frames=10, time_mask_ratio=0.2)
+  base, on = _batches(audio_only), _batches(masked)
+  assert _equal(on, _batches(masked))
+  differ = 0
+  for b, m in zip(base, on):
+    for r in range(len(b["mel"])):
+      changed = b["mel"][r] != m["mel"][r]
+      if changed.any():  # every changed cell holds the one mask value of its utterance
+        assert np.unique(m["mel"][r][changed]).size == 1
+        differ += 1
+    assert np.array_equal(b["labels"], m["labels"]) and np.array_equal(b["valid"], m["valid"])
+  assert differ > 0
+  warped = _batches(dataclasses.replace(audio_only, warp_prob=1.0, warp_min=1.1, warp_max=1.1))
+  assert not any(np.array_equal(b["mel"], w["mel"]) for b, w in zip(base, warped))
 
 
 def test_augmented_pipeline_resumes_exactly() -> None:

@@ -6,6 +6,12 @@ reverb, telephone band-limiting, gain and hard clipping. `augment` applies a ran
 them, drawn from a numpy Generator: the caller seeds one per utterance (sptlm.speech.input keys
 it by seed, batch and utterance), so a resumed run sees bit-identical audio. Evaluation never
 calls it.
+
+`augment_features` then works on the log-mel features, with a generator of its own (so turning
+it on leaves the audio chain's draws as they were): a vocal-tract-length warp of the frequency
+axis (VTLP, Jaitly & Hinton 2013: formants move without the tempo, a voice the corpus never
+had) and SpecAugment's frequency and time masks (Park et al. 2019: no single band or instant
+can carry a word, so the codes cannot lean on one synthesizer's spectral quirks).
 """
 
 import dataclasses
@@ -14,6 +20,7 @@ import math
 import numpy as np
 import scipy.signal
 
+from sptlm.speech import features
 from sptlm.speech.audio import resample
 from sptlm.speech.features import SAMPLE_RATE
 
@@ -49,6 +56,15 @@ class AugmentConfig:
   clip_prob: float = 0.1
   clip_level_min: float = 0.25  # absolute level, after the gain (so loud gains clip more)
   clip_level_max: float = 0.9
+  # on the log-mel features (`augment_features`); all off unless set (the robust config does)
+  warp_prob: float = 0.0  # vocal tract length perturbation of the frequency axis
+  warp_min: float = 0.9  # > 1 moves formants up (a shorter vocal tract)
+  warp_max: float = 1.1
+  freq_masks: int = 0  # SpecAugment frequency masks per utterance
+  freq_mask_bins: int = 0  # each up to this many mel bins wide
+  time_masks: int = 0  # SpecAugment time masks per utterance
+  time_mask_frames: int = 0  # each up to this many 10 ms frames long...
+  time_mask_ratio: float = 0.05  # ...and up to this share of the utterance
 
 
 # ---- Effects ---------------------------------------------------------------------------------
@@ -160,3 +176,82 @@ def augment(samples: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator, *
   if u[5] < cfg.clip_prob:
     x = clip(x, rng.uniform(cfg.clip_level_min, cfg.clip_level_max))
   return np.clip(x, -1.0, 1.0).astype(np.float32)
+
+
+# ---- Feature effects -------------------------------------------------------------------------
+
+WARP_KNEE = 0.8  # VTLP: frequencies up to this share of Nyquist scale by the factor, then the
+# warp runs linearly to Nyquist, so the band edges stay where they are
+
+
+def mel_centers_hz(num_mels: int) -> np.ndarray:
+  """Centre frequency of each mel bin of features.log_mel."""
+  mels = np.linspace(features._hz_to_mel(0.0), features._hz_to_mel(SAMPLE_RATE / 2), num_mels + 2)
+  return features._mel_to_hz(mels)[1:-1]
+
+
+def vtlp_source_hz(f: np.ndarray, factor: float) -> np.ndarray:
+  """The frequency whose energy lands at `f` when the spectrum is warped by `factor`: f / factor
+  below the knee, then a straight line to Nyquist (which maps to itself)."""
+  nyquist = SAMPLE_RATE / 2
+  knee = WARP_KNEE * nyquist * min(factor, 1.0)  # the knee's image stays below Nyquist
+  upper = knee / factor + (f - knee) * (nyquist - knee / factor) / (nyquist - knee)
+  return np.where(f <= knee, f / factor, upper)
+
+
+def warp_frequency(mel_FxM: np.ndarray, factor: float) -> np.ndarray:
+  """Log-mel features as if said by a vocal tract 1 / `factor` as long: each bin reads the
+  (interpolated) bin at its source frequency."""
+  m = mel_FxM.shape[-1]
+  centers = mel_centers_hz(m)
+  pos = np.interp(vtlp_source_hz(centers, factor), centers, np.arange(m, dtype=np.float64))
+  lo = np.clip(np.floor(pos).astype(np.int64), 0, m - 1)
+  hi = np.minimum(lo + 1, m - 1)
+  w = (pos - lo).astype(np.float32)
+  return (mel_FxM[..., lo] * (1.0 - w) + mel_FxM[..., hi] * w).astype(np.float32)
+
+
+def mask_frequency(mel_FxM: np.ndarray, start: int, width: int, value: float) -> np.ndarray:
+  out = mel_FxM.copy()
+  out[:, start:start + width] = value
+  return out
+
+
+def mask_time(mel_FxM: np.ndarray, start: int, width: int, value: float) -> np.ndarray:
+  out = mel_FxM.copy()
+  out[start:start + width] = value
+  return out
+
+
+def features_enabled(cfg: AugmentConfig) -> bool:
+  return cfg.enabled and (cfg.warp_prob > 0 or (cfg.freq_masks > 0 and cfg.freq_mask_bins > 0)
+                          or (cfg.time_masks > 0 and cfg.time_mask_frames > 0))
+
+
+def augment_features(mel_FxM: np.ndarray, frames: int, cfg: AugmentConfig,
+                     rng: np.random.Generator) -> np.ndarray:
+  """Warp, then masks, on the first `frames` frames of one utterance's features [F, M] (the
+  padding after them stays as it is); masks hold the utterance's mean feature value.
+
+  Draws a fixed number of values whatever the probabilities, so the stream stays aligned.
+  """
+  if not features_enabled(cfg) or frames <= 0:
+    return mel_FxM
+  x = mel_FxM[:frames]
+  m = x.shape[-1]
+  u, factor = rng.random(), rng.uniform(cfg.warp_min, cfg.warp_max)
+  if u < cfg.warp_prob:
+    x = warp_frequency(x, factor)
+  value = float(x.mean())
+  for _ in range(cfg.freq_masks):
+    width, start = rng.integers(0, cfg.freq_mask_bins + 1), rng.random()
+    if width:
+      x = mask_frequency(x, int(start * (m - width + 1)), int(width), value)
+  limit = min(cfg.time_mask_frames, int(cfg.time_mask_ratio * frames))
+  for _ in range(cfg.time_masks):
+    width, start = rng.integers(0, max(limit, 0) + 1), rng.random()
+    if width:
+      x = mask_time(x, int(start * (frames - width + 1)), int(width), value)
+  out = mel_FxM.copy()
+  out[:frames] = x
+  return out

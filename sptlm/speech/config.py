@@ -130,16 +130,22 @@ def from_config_dict(cfg: ml_collections.ConfigDict | dict) -> SpeechTokenizerCo
 
 def validate_augment(a: AugmentConfig) -> None:
   """Probabilities in [0, 1], ranges with min <= max, and the values each effect can use."""
-  for effect in ("speed", "noise", "reverb", "telephone", "gain", "clip"):
+  for effect in ("speed", "noise", "reverb", "telephone", "gain", "clip", "warp"):
     p = getattr(a, f"{effect}_prob")
     if not 0.0 <= p <= 1.0:
       raise ConfigError(f"data.augment.{effect}_prob={p} must be within 0..1")
-  for name in ("speed", "noise_snr_db", "reverb_rt60", "reverb_wet", "gain_db", "clip_level"):
+  for name in ("speed", "noise_snr_db", "reverb_rt60", "reverb_wet", "gain_db", "clip_level",
+               "warp"):
     low, high = getattr(a, f"{name}_min"), getattr(a, f"{name}_max")
     if low > high:
       raise ConfigError(f"data.augment.{name}_min={low} must be at most "
                         f"data.augment.{name}_max={high}")
   check_positive("data.augment.speed_min", a.speed_min)
+  check_positive("data.augment.warp_min", a.warp_min)
+  for key in ("freq_masks", "freq_mask_bins", "time_masks", "time_mask_frames"):
+    check_at_least(f"data.augment.{key}", getattr(a, key), 0)
+  if not 0.0 <= a.time_mask_ratio <= 1.0:
+    raise ConfigError(f"data.augment.time_mask_ratio={a.time_mask_ratio} must be within 0..1")
   check_positive("data.augment.reverb_rt60_min", a.reverb_rt60_min)
   check_positive("data.augment.clip_level_min", a.clip_level_min)
   check_at_least("data.augment.reverb_wet_min", a.reverb_wet_min, 0.0)

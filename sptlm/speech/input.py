@@ -34,6 +34,7 @@ from sptlm.speech.units import Units, ctc_frames_needed
 log = logging.getLogger(__name__)
 TOKENS_PER_SECOND = features.SAMPLE_RATE / features.SAMPLES_PER_TOKEN  # 12.5
 AUGMENT_STREAM = 1  # keys augmentation apart from the batch plan's default_rng([seed, epoch])
+FEATURE_STREAM = 2  # and the feature effects (warp, masks) apart from the audio chain
 
 
 def num_tokens(num_samples: int) -> int:
@@ -154,7 +155,14 @@ class _AugmentingLoader:
           base.source.load(base.data.utts[i]), self.augment, rng,
           min_samples=(min_tokens - 1) * features.SAMPLES_PER_TOKEN + 1,
           max_samples=n * features.SAMPLES_PER_TOKEN))
-    return make_batch(audios, [base.data.labels[i] for i in rows], n, base.num_mels, n * base.up)
+    batch = make_batch(audios, [base.data.labels[i] for i in rows], n, base.num_mels,
+                       n * base.up)
+    if augment_lib.features_enabled(self.augment):
+      for r, (i, x) in enumerate(zip(rows, audios)):
+        rng = np.random.default_rng([self.seed, FEATURE_STREAM, index, i])
+        frames = features.num_frames(min(len(x), n * features.SAMPLES_PER_TOKEN))
+        batch["mel"][r] = augment_lib.augment_features(batch["mel"][r], frames, self.augment, rng)
+    return batch
 
 
 def make_batch(audios: Sequence[np.ndarray], labels: Sequence[np.ndarray], n: int,
