@@ -25,9 +25,10 @@ def get_config():
   c = speech_tokenizer_tiny.get_config()
   c.name = "speech_tokenizer_robust"
   c.data.corpus = "runs/speech_corpus_engines"
-  # the audio chain's defaults, then on the features: formants moved without the tempo (VTLP)
-  # and SpecAugment's masks, so no single band or instant carries a word
+  # the audio chain's defaults, then on the features: formants moved without the tempo (VTLP),
+  # a random equalizer, and SpecAugment's masks, so no single band or instant carries a word
   c.data.augment = dict(enabled=True, warp_prob=0.6, warp_min=0.88, warp_max=1.12,
+                        eq_prob=0.5, eq_db=6.0,
                         freq_masks=2, freq_mask_bins=15, time_masks=2, time_mask_frames=20,
                         time_mask_ratio=0.05)
   c.train.steps = 8800  # 10.7 passes over the 7.3 h corpus; see BENCHMARKS.md for the time

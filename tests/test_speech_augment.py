@@ -200,6 +200,17 @@ def test_warp_by_one_is_the_identity_and_keeps_the_band_edges() -> None:
     assert np.all(np.diff(src) > 0)  # monotone: no band folds over another
 
 
+def test_equalizer_adds_its_gain_curve_in_db_and_keeps_silence() -> None:
+  loud, quiet = log_mel(_tone(1000.0), 64), log_mel(np.zeros(8000, np.float32), 64)
+  curve = np.array([6.0, 6.0, 6.0, 6.0, 6.0])  # flat +6 dB: the features of a 2x louder tone
+  np.testing.assert_allclose(augment.equalize(loud, curve)[loud > -0.9],
+                             log_mel(2 * _tone(1000.0), 64)[loud > -0.9], atol=2e-3)
+  assert np.array_equal(augment.equalize(quiet, curve), quiet)  # the floor stays the floor
+  tilt = augment.equalize(loud, np.array([-6.0, -3.0, 0.0, 3.0, 6.0]))
+  d = (tilt - loud)[loud > -0.9 + 0.15].reshape(-1)
+  assert d.min() >= -6 / 40 - 1e-6 and d.max() <= 6 / 40 + 1e-6
+
+
 def test_masks_hold_the_mean_stay_inside_the_audio_and_are_seeded() -> None:
   mel = log_mel(_speechlike(2.0), 64)  # 200 frames
   padded = np.concatenate([mel, np.zeros((40, 64), np.float32)])  # padding after the audio
@@ -248,6 +259,7 @@ def test_config_section_defaults_off_and_overrides() -> None:
     ("data.augment.warp_prob=2", "data.augment.warp_prob=2.0 must be within 0..1"),
     ("data.augment.warp_min=1.2", "data.augment.warp_min=1.2 must be at most "
                                   "data.augment.warp_max=1.1"),
+    ("data.augment.eq_prob=-0.1", "data.augment.eq_prob=-0.1 must be within 0..1"),
     ("data.augment.freq_masks=-1", "data.augment.freq_masks=-1 must be at least 0"),
     ("data.augment.time_mask_ratio=1.5", "data.augment.time_mask_ratio=1.5 must be within 0..1"),
 ])

@@ -10,7 +10,8 @@ calls it.
 `augment_features` then works on the log-mel features, with a generator of its own (so turning
 it on leaves the audio chain's draws as they were): a vocal-tract-length warp of the frequency
 axis (VTLP, Jaitly & Hinton 2013: formants move without the tempo, a voice the corpus never
-had) and SpecAugment's frequency and time masks (Park et al. 2019: no single band or instant
+had), a random smooth equalizer (a spectral tilt and colour no engine of the corpus has) and
+SpecAugment's frequency and time masks (Park et al. 2019: no single band or instant
 can carry a word, so the codes cannot lean on one synthesizer's spectral quirks).
 """
 
@@ -60,6 +61,8 @@ class AugmentConfig:
   warp_prob: float = 0.0  # vocal tract length perturbation of the frequency axis
   warp_min: float = 0.9  # > 1 moves formants up (a shorter vocal tract)
   warp_max: float = 1.1
+  eq_prob: float = 0.0  # a random smooth equalizer: another microphone, another vocoder
+  eq_db: float = 6.0  # its gain curve stays within +-eq_db
   freq_masks: int = 0  # SpecAugment frequency masks per utterance
   freq_mask_bins: int = 0  # each up to this many mel bins wide
   time_masks: int = 0  # SpecAugment time masks per utterance
@@ -211,6 +214,20 @@ def warp_frequency(mel_FxM: np.ndarray, factor: float) -> np.ndarray:
   return (mel_FxM[..., lo] * (1.0 - w) + mel_FxM[..., hi] * w).astype(np.float32)
 
 
+EQ_POINTS = 5  # control points of the equalizer's gain curve, spread evenly over the mel bins
+FEATURE_PER_DB = 1 / 40  # features are log10(power) / 4: one dB is a tenth of a log10, / 4
+
+
+def equalize(mel_FxM: np.ndarray, gains_db: np.ndarray) -> np.ndarray:
+  """Adds a gain curve through `gains_db` (evenly spaced over the mel bins, linear between) to
+  every frame; frames at the feature floor (silence) stay there."""
+  m = mel_FxM.shape[-1]
+  curve = np.interp(np.arange(m), np.linspace(0, m - 1, len(gains_db)), gains_db)
+  floor = (features.LOG_FLOOR + 4.0) / 4.0
+  shifted = np.maximum(mel_FxM + (curve * FEATURE_PER_DB).astype(np.float32), floor)
+  return np.where(mel_FxM > floor, shifted, mel_FxM).astype(np.float32)
+
+
 def mask_frequency(mel_FxM: np.ndarray, start: int, width: int, value: float) -> np.ndarray:
   out = mel_FxM.copy()
   out[:, start:start + width] = value
@@ -224,13 +241,13 @@ def mask_time(mel_FxM: np.ndarray, start: int, width: int, value: float) -> np.n
 
 
 def features_enabled(cfg: AugmentConfig) -> bool:
-  return cfg.enabled and (cfg.warp_prob > 0 or (cfg.freq_masks > 0 and cfg.freq_mask_bins > 0)
+  return cfg.enabled and (cfg.warp_prob > 0 or cfg.eq_prob > 0 or (cfg.freq_masks > 0 and cfg.freq_mask_bins > 0)
                           or (cfg.time_masks > 0 and cfg.time_mask_frames > 0))
 
 
 def augment_features(mel_FxM: np.ndarray, frames: int, cfg: AugmentConfig,
                      rng: np.random.Generator) -> np.ndarray:
-  """Warp, then masks, on the first `frames` frames of one utterance's features [F, M] (the
+  """Warp, equalizer, then masks, on the first `frames` frames of one utterance's features [F, M] (the
   padding after them stays as it is); masks hold the utterance's mean feature value.
 
   Draws a fixed number of values whatever the probabilities, so the stream stays aligned.
@@ -242,6 +259,9 @@ def augment_features(mel_FxM: np.ndarray, frames: int, cfg: AugmentConfig,
   u, factor = rng.random(), rng.uniform(cfg.warp_min, cfg.warp_max)
   if u < cfg.warp_prob:
     x = warp_frequency(x, factor)
+  u, gains = rng.random(), rng.uniform(-cfg.eq_db, cfg.eq_db, EQ_POINTS)
+  if u < cfg.eq_prob:
+    x = equalize(x, gains)
   value = float(x.mean())
   for _ in range(cfg.freq_masks):
     width, start = rng.integers(0, cfg.freq_mask_bins + 1), rng.random()

@@ -130,7 +130,8 @@ def from_config_dict(cfg: ml_collections.ConfigDict | dict) -> SpeechTokenizerCo
 
 def validate_augment(a: AugmentConfig) -> None:
   """Probabilities in [0, 1], ranges with min <= max, and the values each effect can use."""
-  for effect in ("speed", "noise", "reverb", "telephone", "gain", "clip", "warp"):
+  for effect in ("speed", "noise", "reverb", "telephone", "gain", "clip", "warp",
+                 "eq"):
     p = getattr(a, f"{effect}_prob")
     if not 0.0 <= p <= 1.0:
       raise ConfigError(f"data.augment.{effect}_prob={p} must be within 0..1")
@@ -142,6 +143,7 @@ def validate_augment(a: AugmentConfig) -> None:
                         f"data.augment.{name}_max={high}")
   check_positive("data.augment.speed_min", a.speed_min)
   check_positive("data.augment.warp_min", a.warp_min)
+  check_at_least("data.augment.eq_db", a.eq_db, 0.0)
   for key in ("freq_masks", "freq_mask_bins", "time_masks", "time_mask_frames"):
     check_at_least(f"data.augment.{key}", getattr(a, key), 0)
   if not 0.0 <= a.time_mask_ratio <= 1.0:
