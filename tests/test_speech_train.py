@@ -123,6 +123,7 @@ def test_training_lowers_the_loss(trained, corpus_dir):
   assert {"quokka", "wombat"} <= set(lm.vocab)
   tuned = json.loads((trained / "asr_decoding.json").read_text())
   assert tuned["split"] == "dev" and 0.0 <= tuned["wer"] <= 1.0 and tuned["alpha"] > 0
+  assert tuned["beam"] == 64 and tuned["grid_beam"] == 16  # finalists checked at the run's beam
 
 
 @pytest.mark.slow  # the loop is sptlm.train.loop's, covered by tests/test_train.py in the default run
@@ -403,6 +404,32 @@ def test_eval_speech_from_audio_through_the_tokenizer(trained, corpus_dir, tmp_p
   want = [r["tokens"] for r in tok.encode_files(wavs[:1])][0]
   assert [e["prompt_tokens"] for e in spoken_answers][0] == len(
       lm.tokenizer.encode("Question: ")) + len(want) + 2 + len(lm.tokenizer.encode("\nAnswer:")) + 1
+
+
+def test_tune_rechooses_the_lm_weights_at_the_full_beam(trained, corpus_dir, tmp_path, env):
+  """`sptlm tokenizer tune`: the weights it writes decode `dev` at the run's beam no worse than
+  the weights it started from (those are among its finalists), and the tokenizer loads them."""
+  from sptlm.speech import corpus as corpus_lib
+  from sptlm.speech import wer as wer_lib
+  from sptlm.speech.tokenizer import SpeechTokenizer
+  work = tmp_path / "run"
+  shutil.copytree(trained, work)
+  (work / "asr_decoding.json").write_text(json.dumps({"alpha": 1.2, "beta": 2.5}))
+  out, _ = _run(["tune", "--workdir", str(work), "--corpus", str(corpus_dir)], env)
+  tuned = json.loads(out)
+  assert json.loads((work / "asr_decoding.json").read_text()) == tuned
+  assert tuned["split"] == "dev" and tuned["beam"] == 64 and tuned["grid_beam"] == 16
+  source = corpus_lib.ManifestSource(corpus_dir)
+  utts = source.utterances("dev")
+  audio, refs = [source.load(u) for u in utts], [u.text for u in utts]
+  tok = SpeechTokenizer.load(str(work))
+  assert (tok.alpha, tok.beta) == (tuned["alpha"], tuned["beta"])
+  assert wer_lib.wer(refs, tok.decode(tok.encode(audio))) == pytest.approx(tuned["wer"])
+  before = SpeechTokenizer.load(str(work), alpha=1.2, beta=2.5)
+  assert tuned["wer"] <= wer_lib.wer(refs, before.decode(before.encode(audio))) + 1e-12
+  _, err = _run(["tune", "--workdir", str(work), "--corpus", str(corpus_dir), "--split", "nope"],
+                env, code=1)
+  assert "no utterances in split 'nope'" in err and len(err.strip().splitlines()) == 1
 
 
 def test_evaluate_per_engine_and_condition(trained, tmp_path, env):

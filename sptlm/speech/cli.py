@@ -256,6 +256,22 @@ def cmd_evaluate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   return 0
 
 
+def cmd_tune(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  _no_overrides(overrides, "tune")
+  from sptlm.speech import corpus
+  from sptlm.speech import train as train_lib
+  from sptlm.speech.tokenizer import SpeechTokenizer
+  source = corpus.ManifestSource(paths.resolve(args.corpus))
+  source.utterances(args.split)  # an unknown split fails before the model loads
+  tok = SpeechTokenizer.load(args.workdir, batch=args.batch)
+  if getattr(tok, "lm", None) is None:
+    raise UserError(f"--workdir {args.workdir} has no transcription LM (asr_lm.arpa): greedy "
+                    "decoding has no weights to tune")
+  tuned = train_lib.tune(tok, source, args.split, args.workdir)
+  print(json.dumps(tuned))
+  return 0
+
+
 def cmd_transcribe(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   _no_overrides(overrides, "transcribe")
   if bool(args.tokens) == bool(args.audio or args.list):
@@ -442,6 +458,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
   q.add_argument("--batch", type=int, default=16, help="windows per encoder call")
   q.add_argument("--out", help="write the full results as JSON here")
   q.set_defaults(func=cmd_evaluate)
+
+  q = sub.add_parser(
+      "tune", help="choose the LM weights (lm_alpha, lm_beta) on held-out audio",
+      description="What training does at its last step, again (e.g. for a run trained before "
+      "finalists were re-checked at the full beam): a grid at beam 16 on --split, its best "
+      "three and the current weights again at the run's beam; writes WORKDIR/"
+      "asr_decoding.json, which encode/transcribe/evaluate then use.")
+  q.add_argument("--workdir", required=True, help="a `tokenizer train` work directory")
+  q.add_argument("--corpus", required=True, help="a build-corpus directory or manifest")
+  q.add_argument("--split", default="dev", help="held-out split to tune on (default: dev)")
+  q.add_argument("--batch", type=int, default=16, help="windows per encoder call")
+  q.set_defaults(func=cmd_tune)
 
   q = sub.add_parser(
       "transcribe", help="audio or tokens -> text through the bottleneck (JSON lines)",

@@ -143,19 +143,48 @@ TUNE_BETAS = (0.0, 0.5, 1.0, 1.5, 2.5)
 
 
 def tune_decoding(tok: SpeechTokenizer, refs: list[str], log_probs: list[np.ndarray],
-                  beam: int = 16) -> dict[str, float]:
-  """The LM weight (alpha) and word bonus (beta) with the lowest WER on held-out audio: a grid
-  at a narrower beam (the ranking holds at wider ones); returns {alpha, beta, wer, beam}."""
-  best = None
+                  beam: int = 16, finalists: int = 3) -> dict[str, float]:
+  """The LM weight (alpha) and word bonus (beta) with the lowest WER on held-out audio.
+
+  A grid at a narrow `beam` picks `finalists`; they and the current weights are decoded again
+  at the tokenizer's own (wider) beam, which chooses: the ranking at beam 16 does not always
+  hold at 64. Returns {alpha, beta, wer, beam, grid_beam}."""
+  wide = max(tok.beam, beam)
+  scored = []
   grid = [(a, b) for a in TUNE_ALPHAS for b in TUNE_BETAS]
-  for a, b in tqdm(grid, desc="tune lm_alpha/lm_beta", leave=False,
+  for a, b in tqdm(grid, desc=f"tune lm_alpha/lm_beta (beam {beam})", leave=False,
                    disable=jax.process_index() != 0):
     hyps = ctc_decode.decode_batch(log_probs, tok.units, tok.lm, beam=beam, alpha=a, beta=b,
                                    lexicon=tok.lexicon)
-    w = wer_lib.wer(refs, hyps)
-    if best is None or w < best[0] - 1e-12:
-      best = (w, a, b)
-  return {"alpha": best[1], "beta": best[2], "wer": best[0], "beam": beam}
+    scored.append((wer_lib.wer(refs, hyps), a, b))
+  scored.sort(key=lambda x: x[0])  # stable: ties keep grid order
+  if wide == beam:
+    best = scored[0]
+  else:
+    candidates = list(dict.fromkeys([(a, b) for _, a, b in scored[:finalists]]
+                                    + [(tok.alpha, tok.beta)]))
+    best = None
+    for a, b in tqdm(candidates, desc=f"tune: finalists at beam {wide}", leave=False,
+                     disable=jax.process_index() != 0):
+      hyps = ctc_decode.decode_batch(log_probs, tok.units, tok.lm, beam=wide, alpha=a, beta=b,
+                                     lexicon=tok.lexicon)
+      w = wer_lib.wer(refs, hyps)
+      if best is None or w < best[0] - 1e-12:
+        best = (w, a, b)
+  return {"alpha": best[1], "beta": best[2], "wer": best[0], "beam": wide, "grid_beam": beam}
+
+
+def tune(tok: SpeechTokenizer, source: corpus_lib.ManifestSource, split: str,
+         workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Chooses the decoding weights on `split` and writes them to WORKDIR/asr_decoding.json,
+  where SpeechTokenizer.load finds them."""
+  utts = source.utterances(split)  # an unknown or empty split: one InputError naming it
+  result = evaluate(tok, source, utts)
+  tuned = tune_decoding(tok, [u.text for u in utts], result["log_probs"])
+  tuned["split"] = split
+  if jax.process_index() == 0:
+    (pathlib.Path(workdir) / DECODING_FILE).write_text(json.dumps(tuned, indent=2) + "\n")
+  return tuned
 
 
 def _summary(cfg: SpeechTokenizerConfig, program: program_lib.Program,
@@ -254,11 +283,7 @@ def train(cfg: SpeechTokenizerConfig, workdir: str) -> dict[str, Any]:
                           jax.device_get(state["vq"]), lm=lm)
     row = {}
     if step == tcfg.steps and tune_utts:  # choose the decoding weights, then evaluate with them
-      result = evaluate(tok, source, tune_utts)
-      tuned = tune_decoding(tok, [u.text for u in tune_utts], result["log_probs"])
-      tuned["split"] = dcfg.tune_split
-      if jax.process_index() == 0:
-        (wd / DECODING_FILE).write_text(json.dumps(tuned, indent=2) + "\n")
+      tuned = tune(tok, source, dcfg.tune_split, wd)
       tok.alpha, tok.beta = tuned["alpha"], tuned["beta"]
       row.update(lm_alpha=tuned["alpha"], lm_beta=tuned["beta"],
                  **{f"wer_tuned_{dcfg.tune_split}": tuned["wer"]})
