@@ -374,3 +374,19 @@ def test_eval_audio_is_never_augmented() -> None:
   assert "augment" in inspect.signature(input_lib.train_iterator).parameters
   for fn in (input_lib.make_batch, input_lib.prepare):
     assert "augment" not in inspect.signature(fn).parameters
+
+
+def test_robust_configs_load_and_differ_only_in_feature_effects_and_steps() -> None:
+  configs = CONFIG.parent
+  audio = config_lib.load(configs / "speech_tokenizer_robust.py")
+  feats = config_lib.load(configs / "speech_tokenizer_robust_features.py")
+  assert audio.data.augment == AugmentConfig(enabled=True)
+  assert not augment.features_enabled(audio.data.augment)
+  assert augment.features_enabled(feats.data.augment)
+  audio_part = {k: v for k, v in dataclasses.asdict(feats.data.augment).items()
+                if k in dataclasses.asdict(AugmentConfig(enabled=True))
+                and not k.startswith(("warp", "eq", "freq_mask", "time_mask"))}
+  assert audio_part == {k: v for k, v in dataclasses.asdict(audio.data.augment).items()
+                        if k in audio_part}
+  assert (feats.model, feats.vq, feats.asr) == (audio.model, audio.vq, audio.asr)
+  assert feats.train.steps == 2 * audio.train.steps
