@@ -152,6 +152,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise
     print(f"sptlm {args.command}: error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:  # Ctrl-C: what the command finished is on disk, whole
+    if args.verbose:
+      raise
+    print(f"sptlm {args.command}: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -36,6 +36,15 @@ def test_a_user_error_is_one_line(monkeypatch: pytest.MonkeyPatch,
   assert captured.out == ""
 
 
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture) -> None:
+  _train_raises(monkeypatch, KeyboardInterrupt())
+  assert cli.main(["train"]) == 130
+  assert capsys.readouterr().err == "sptlm train: interrupted\n"
+  with pytest.raises(KeyboardInterrupt):  # --verbose keeps the traceback
+    cli.main(["--verbose", "train"])
+
+
 @pytest.mark.parametrize("exc", [
     RuntimeError("a bug"), ValueError("a bug"), FileNotFoundError("a bug"), KeyError("a bug"),
     ZeroDivisionError("a bug"),

@@ -187,12 +187,6 @@ WARP_KNEE = 0.8  # VTLP: frequencies up to this share of Nyquist scale by the fa
 # warp runs linearly to Nyquist, so the band edges stay where they are
 
 
-def mel_centers_hz(num_mels: int) -> np.ndarray:
-  """Centre frequency of each mel bin of features.log_mel."""
-  mels = np.linspace(features._hz_to_mel(0.0), features._hz_to_mel(SAMPLE_RATE / 2), num_mels + 2)
-  return features._mel_to_hz(mels)[1:-1]
-
-
 def vtlp_source_hz(f: np.ndarray, factor: float) -> np.ndarray:
   """The frequency whose energy lands at `f` when the spectrum is warped by `factor`: f / factor
   below the knee, then a straight line to Nyquist (which maps to itself)."""
@@ -206,7 +200,7 @@ def warp_frequency(mel_FxM: np.ndarray, factor: float) -> np.ndarray:
   """Log-mel features as if said by a vocal tract 1 / `factor` as long: each bin reads the
   (interpolated) bin at its source frequency."""
   m = mel_FxM.shape[-1]
-  centers = mel_centers_hz(m)
+  centers = features.mel_centers_hz(m)
   pos = np.interp(vtlp_source_hz(centers, factor), centers, np.arange(m, dtype=np.float64))
   lo = np.clip(np.floor(pos).astype(np.int64), 0, m - 1)
   hi = np.minimum(lo + 1, m - 1)

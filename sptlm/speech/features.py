@@ -49,6 +49,12 @@ def mel_filters(num_mels: int, sample_rate: int = SAMPLE_RATE, n_fft: int = N_FF
   return weights.astype(np.float32)
 
 
+def mel_centers_hz(num_mels: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+  """Centre frequency of each of mel_filters' bins."""
+  mels = np.linspace(_hz_to_mel(0.0), _hz_to_mel(sample_rate / 2), num_mels + 2)
+  return _mel_to_hz(mels)[1:-1]
+
+
 @functools.cache
 def _window() -> np.ndarray:
   n = np.arange(N_FFT)

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import pathlib
 import tempfile
 from typing import Any
@@ -182,8 +183,11 @@ def tune(tok: SpeechTokenizer, source: corpus_lib.ManifestSource, split: str,
   result = evaluate(tok, source, utts)
   tuned = tune_decoding(tok, [u.text for u in utts], result["log_probs"])
   tuned["split"] = split
-  if jax.process_index() == 0:
-    (pathlib.Path(workdir) / DECODING_FILE).write_text(json.dumps(tuned, indent=2) + "\n")
+  if jax.process_index() == 0:  # whole or not at all: a killed tune keeps the old weights
+    path = pathlib.Path(workdir) / DECODING_FILE
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(tuned, indent=2) + "\n")
+    os.replace(part, path)
   return tuned
 
 
