@@ -390,3 +390,14 @@ def test_robust_configs_load_and_differ_only_in_feature_effects_and_steps() -> N
                         if k in audio_part}
   assert (feats.model, feats.vq, feats.asr) == (audio.model, audio.vq, audio.asr)
   assert feats.train.steps == 2 * audio.train.steps
+
+
+def test_small_config_is_the_robust_recipe_with_a_bigger_model() -> None:
+  configs = CONFIG.parent
+  robust = config_lib.load(configs / "speech_tokenizer_robust.py")
+  small = config_lib.load(configs / "speech_tokenizer_small.py")
+  assert (small.data, small.vq, small.asr) == (robust.data, robust.vq, robust.asr)
+  assert small.model.d_model > robust.model.d_model
+  assert small.model.layers_before_vq > robust.model.layers_before_vq
+  assert small.model.layers_after_vq > robust.model.layers_after_vq
+  assert small.model.d_model % small.model.num_heads == 0
