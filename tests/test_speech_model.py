@@ -411,3 +411,64 @@ def test_rope_below_the_vq_makes_chunked_tokens_equal_whole_file_tokens(units):
     agreement[positions] = np.mean(chunked == whole)
   assert agreement["rope"] == 1.0, agreement
   assert agreement["sinusoid"] < 0.9, agreement
+
+
+def test_mel_norm_removes_a_fixed_colour_and_keeps_windows_exact(units):
+  """model.mel_norm_seconds: a constant offset per mel bin (a fixed equalizer) changes nothing
+  the encoder sees; a token depends on audio only within the (widened) receptive field, so
+  windows with that much context give the whole file's tokens; padding changes nothing real."""
+  rng = np.random.default_rng(4)
+  t = np.arange(640) / 16_000
+  audio = np.concatenate([rng.uniform(0.01, 0.5) * np.sin(2 * np.pi * rng.uniform(100, 4000) * t)
+                          for _ in range(240)]).astype(np.float32)  # 120 tokens of tones
+  mel = features.log_mel(audio)
+  cfg = small_config("--config.model.attention_window_seconds=0.2",
+                     "--config.model.layers_before_vq=2", "--config.model.conv_kernel=3",
+                     "--config.model.positions=rope", "--config.model.init_std=0.2",
+                     "--config.model.mel_norm_seconds=1.0")
+  model = program.make_model(cfg, cfg.asr.units)
+  assert model.receptive_seconds == pytest.approx(2 * (0.2 + 0.02) + 0.03 + 0.08 + 0.5)
+  valid = jnp.ones((1, 120), bool)
+  colour = jnp.asarray(rng.normal(size=cfg.model.num_mels), jnp.float32)
+  h = model.encode(mel[None], valid).h_BxNxD
+  np.testing.assert_allclose(model.encode(mel[None] + colour, valid).h_BxNxD, h, atol=1e-4)
+  plain = program.make_model(small_config("--config.model.init_std=0.2"), cfg.asr.units)
+  assert np.abs(plain.encode(mel[None] + colour, valid).h_BxNxD
+                - plain.encode(mel[None], valid).h_BxNxD).max() > 1e-2
+
+  i = 60
+  g = np.asarray(jax.grad(lambda m: jnp.sum(model.encode(m, valid).h_BxNxD[:, i] ** 2))(
+      jnp.asarray(mel[None])))[0]
+  size = np.abs(g).sum(-1)  # the prefix sums' gradients cancel beyond the window up to rounding
+  frames = np.nonzero(size > 1e-5 * size.max())[0]
+  reach = model.receptive_seconds
+  assert frames.min() >= (i * 0.08 - reach) * 100 - 1e-6
+  assert frames.max() < ((i + 1) * 0.08 + reach) * 100 + 1e-6
+
+  proj = jnp.asarray(rng.normal(size=(cfg.model.d_model, 16)), jnp.float32)
+  center = h[0].mean(0)
+
+  @jax.jit
+  def tokens(mel_BxFxM, valid_BxN):  # the encoder, quantized to 16 random directions
+    return jnp.argmax((model.encode(mel_BxFxM, valid_BxN > 0).h_BxNxD - center) @ proj, -1)
+
+  whole = np.asarray(tokens(mel[None], np.ones((1, 120), np.int32)))[0]
+  assert len(set(whole.tolist())) > 5
+  context = math.ceil(reach * 12.5)
+  chunked = tokenizer.run_windows(tokenizer.plan_windows(120, 40, context), [mel], 8, tokens,
+                                  batch=4, max_window=40)[0]
+  np.testing.assert_array_equal(chunked, whole)
+  tok = random_tokenizer(cfg, units)
+  x = audio[:20 * 1280]
+  np.testing.assert_array_equal(tok.encode([x])[0], tok.encode([x, np.tile(x, 2)])[0])
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["--config.model.mel_norm_seconds=0.015"], "multiple of 0.02"),
+    (["--config.model.mel_norm_seconds=-1.0"], "mel_norm_seconds"),
+    (["--config.model.mel_norm_seconds=1.0", "--config.model.block_causal_seconds=0.32"],
+     "causal"),
+])
+def test_mel_norm_config_errors(overrides, match):
+  with pytest.raises(config_lib.ConfigError, match=match):
+    small_config(*overrides)

@@ -51,6 +51,11 @@ class EncoderConfig:
   # it sits in its window) or "rope" (rotary, relative: with attention_window_seconds, chunked
   # and whole-file tokens agree)
   positions: str = "sinusoid"
+  # > 0: each mel bin minus its mean over this many seconds of audio around the frame (sliding
+  # cepstral-mean-style normalization): a fixed colour of the voice, vocoder or microphone (a
+  # constant offset per bin) is gone before the encoder sees it; a token then depends on audio
+  # up to half of it further away
+  mel_norm_seconds: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +197,13 @@ def validate(c: SpeechTokenizerConfig) -> None:
   if w < 0 or (w and abs(w / 0.02 - round(w / 0.02)) > 1e-6):
     raise ConfigError(f"model.attention_window_seconds={w} must be 0 or a multiple of one "
                       "50 Hz frame (0.02 s)")
+  n = m.mel_norm_seconds
+  if n < 0 or (n and abs(n / 0.02 - round(n / 0.02)) > 1e-6):
+    raise ConfigError(f"model.mel_norm_seconds={n} must be 0 (off) or a multiple of 0.02 s (a "
+                      "whole number of 10 ms frames each way)")
+  if n and (m.block_causal_seconds or m.causal_stem):
+    raise ConfigError(f"model.mel_norm_seconds={n} looks ahead as far as back: set it to 0 for "
+                      "a causal encoder (block_causal_seconds, causal_stem)")
   if m.conv_kernel < 0 or (m.conv_kernel and m.conv_kernel % 2 == 0):
     raise ConfigError(f"model.conv_kernel={m.conv_kernel} must be 0 (off) or odd")
   if not 0 <= m.token_rate_layers <= m.layers_after_vq:

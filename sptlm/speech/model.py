@@ -1,6 +1,7 @@
 """Whisper-style speech encoder with a VQ bottleneck: the 12.5 Hz supervised speech tokenizer.
 
   log-mel [B, 8N, 128] (100 Hz)
+    [-> minus each bin's sliding mean (model.mel_norm_seconds)]
     -> conv1 (k3) + GELU -> conv2 (k3, stride 2) + GELU [-> + sinusoids]   [B, 4N, D] (50 Hz)
     -> layers_before_vq (pre-LN transformer layers; positions=rope: rotary q, k instead)
     -> average pooling x4                                                     [B, N, D] (12.5 Hz)
@@ -227,7 +228,23 @@ def receptive_seconds(cfg: EncoderConfig) -> float:
   if not cfg.attention_window_seconds and cfg.layers_before_vq:
     return float("inf")
   conv = 0.02 * (cfg.conv_kernel // 2)  # each layer's depthwise convolution reaches this far
-  return cfg.layers_before_vq * (cfg.attention_window_seconds + conv) + 0.03 + 0.02 * cfg.pool
+  return (cfg.layers_before_vq * (cfg.attention_window_seconds + conv) + 0.03 + 0.02 * cfg.pool
+          + cfg.mel_norm_seconds / 2)
+
+
+def normalize_mel(mel_BxFxM: jax.Array, valid_BxF: jax.Array, half: int) -> jax.Array:
+  """Each bin minus its mean over the real frames within `half` frames either way; padding
+  frames become 0. Prefix sums make it O(F) for any window; their float32 rounding is divided
+  by the frame count, so windows and whole files agree to about 1e-6."""
+  x = mel_BxFxM.astype(jnp.float32)
+  w = valid_BxF.astype(jnp.float32)[..., None]
+  sums = jnp.pad(jnp.cumsum(x * w, axis=1), ((0, 0), (1, 0), (0, 0)))
+  counts = jnp.pad(jnp.cumsum(w, axis=1), ((0, 0), (1, 0), (0, 0)))
+  f = x.shape[1]
+  lo = jnp.clip(jnp.arange(f) - half, 0, f)
+  hi = jnp.clip(jnp.arange(f) + half + 1, 0, f)
+  mean = (sums[:, hi] - sums[:, lo]) / jnp.maximum(counts[:, hi] - counts[:, lo], 1.0)
+  return ((x - mean) * w).astype(mel_BxFxM.dtype)
 
 
 def attention_mask(valid_BxL: jax.Array, block: int, window: int = 0) -> jax.Array:
@@ -298,6 +315,9 @@ class SpeechTokenizerModel(nnx.Module):
     cfg = self.cfg
     dt = DTYPES[cfg.dtype]
     b, n = valid_BxN.shape
+    if cfg.mel_norm_seconds:
+      half = round(cfg.mel_norm_seconds * 50)  # 100 Hz frames each way
+      mel_BxFxM = normalize_mel(mel_BxFxM, jnp.repeat(valid_BxN, FRAMES_PER_TOKEN, axis=1), half)
     x = jax.nn.gelu(self.conv1(mel_BxFxM.astype(dt)), approximate=False)
     x_BxTxD = jax.nn.gelu(self.conv2(x), approximate=False)
     t = x_BxTxD.shape[1]
