@@ -4,18 +4,20 @@
 # "Speech tokenizer across engines"). Each step prints its wall time; the evaluate steps write
 # runs/speech_robust/evaluate.json and, for the espeak-only tokenizer of benchmarks/
 # speech_tokenizer.py when runs/speech_tiny exists, runs/speech_tiny/evaluate_engines.json.
+# The small model: CONFIG=configs/speech_tokenizer_small.py WORKDIR=runs/speech_small $0
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 SPTLM=(.venv/bin/python -m sptlm.cli tokenizer)
 CORPUS=${CORPUS:-runs/speech_corpus_engines}
 WORKDIR=${WORKDIR:-runs/speech_robust}
+CONFIG=${CONFIG:-configs/speech_tokenizer_robust.py}  # or configs/speech_tokenizer_small.py
 time "${SPTLM[@]}" build-corpus --out "$CORPUS" --fortunes \
   --engines espeak,mbrola,flite,festival,piper --heldout-engine piper \
   --train 10000 --test 300 --dev 200
 time "${SPTLM[@]}" fetch-lm-text --out runs/lm_text/shakespeare
 time "${SPTLM[@]}" fetch-lm-text --source wordnet --out runs/lm_text/wordnet
-time "${SPTLM[@]}" train --config configs/speech_tokenizer_robust.py --workdir "$WORKDIR" \
+time "${SPTLM[@]}" train --config "$CONFIG" --workdir "$WORKDIR" \
   --config.data.corpus="$CORPUS" "--config.asr.lm_text=('runs/lm_text/shakespeare','runs/lm_text/wordnet')" "$@"
 time "${SPTLM[@]}" evaluate --workdir "$WORKDIR" --corpus "$CORPUS" \
   --splits test,test_engine,test_voices --out "$WORKDIR/evaluate.json"
