@@ -79,6 +79,11 @@ class AsrConfig:
   units: int  # unit vocabulary size, at most (the head has units + 1 outputs: + blank)
   text_tokenizer: str  # a SentencePiece model; "" trains one on the training transcripts
   inter_ctc_weight: float = 0.0  # > 0: + this x a CTC loss on the 50 Hz frames below the VQ
+  # > 0: + this x the cross-entropy of a head that guesses each token's TTS engine (the
+  # manifest's `engine`; clips without one are left out) from the encoder output below the VQ,
+  # through a gradient reversal that ramps 0 -> 1 over training (Ganin & Lempitsky 2015): the
+  # encoder is pushed to drop what tells the engines apart. Training only; not in the tokens.
+  engine_adversary_weight: float = 0.0
   # transcription: CTC prefix beam search with a word n-gram LM (sptlm.speech.ctc_decode) trained
   # at the start of training on the corpus's lm_text.txt (else its training transcripts) and
   # lm_text: text files or directories of *.txt (`sptlm tokenizer fetch-lm-text`); a file that
@@ -218,6 +223,7 @@ def validate(c: SpeechTokenizerConfig) -> None:
   check_at_least("vq.code_dim", v.code_dim, 0, " (0: the model width)")
   check_at_least("asr.units", a.units, 8)
   check_at_least("asr.inter_ctc_weight", a.inter_ctc_weight, 0.0)
+  check_at_least("asr.engine_adversary_weight", a.engine_adversary_weight, 0.0)
   check_at_least("asr.lm_order", a.lm_order, 0, " (0: no language model, greedy decoding)")
   check_at_least("asr.beam", a.beam, 1)
   if a.inter_ctc_weight > 0 and m.pool < m.ctc_upsample:

@@ -12,7 +12,8 @@ generator keyed by (seed, batch index, utterance): resumed runs see the same aud
 Batch fields ([B, ...] numpy arrays, this process's rows only):
   mel [B, 8N, M] float32 (zero past the audio), valid [B, N] int32 (1 inside the audio),
   labels [B, N * up] int32 (CTC classes, 0-padded), label_paddings [B, N * up] float32
-  (1.0 = padding), where up = model.ctc_upsample.
+  (1.0 = padding), where up = model.ctc_upsample; engine [B] int32 (the utterance's TTS
+  engine as an index into sptlm.speech.engines.ENGINES, -1 when the manifest names none).
 """
 
 import dataclasses
@@ -29,6 +30,7 @@ from sptlm.speech import augment as augment_lib
 from sptlm.speech import features
 from sptlm.speech.augment import AugmentConfig
 from sptlm.speech.corpus import ManifestSource, Utterance
+from sptlm.speech.engines import ENGINES
 from sptlm.speech.units import Units, ctc_frames_needed
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,11 @@ def duration(source: ManifestSource, utt: Utterance) -> float:
     return utt.seconds
   rate, data = scipy.io.wavfile.read(source.path(utt), mmap=True)
   return len(data) / rate
+
+
+def engine_class(name: str) -> int:
+  """The engine adversary's class of a manifest `engine` (-1: none it knows, left out)."""
+  return ENGINES.index(name) if name in ENGINES else -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +139,8 @@ class _Loader:
     b, n = self.shapes[bucket]
     rows = members[self.pi * b // self.pc:(self.pi + 1) * b // self.pc]
     return make_batch([self.source.load(self.data.utts[i]) for i in rows],
-                      [self.data.labels[i] for i in rows], n, self.num_mels, n * self.up)
+                      [self.data.labels[i] for i in rows], n, self.num_mels, n * self.up,
+                      [engine_class(self.data.utts[i].engine) for i in rows])
 
 
 class _AugmentingLoader:
@@ -156,7 +164,7 @@ class _AugmentingLoader:
           min_samples=(min_tokens - 1) * features.SAMPLES_PER_TOKEN + 1,
           max_samples=n * features.SAMPLES_PER_TOKEN))
     batch = make_batch(audios, [base.data.labels[i] for i in rows], n, base.num_mels,
-                       n * base.up)
+                       n * base.up, [engine_class(base.data.utts[i].engine) for i in rows])
     if augment_lib.features_enabled(self.augment):
       for r, (i, x) in enumerate(zip(rows, audios)):
         rng = np.random.default_rng([self.seed, FEATURE_STREAM, index, i])
@@ -166,9 +174,11 @@ class _AugmentingLoader:
 
 
 def make_batch(audios: Sequence[np.ndarray], labels: Sequence[np.ndarray], n: int,
-               num_mels: int, label_len: int) -> dict[str, np.ndarray]:
+               num_mels: int, label_len: int,
+               engines: Sequence[int] | None = None) -> dict[str, np.ndarray]:
   """Pads audio to N tokens each and featurizes in one batched call."""
   b = len(audios)
+  engine = np.full((b,), -1, np.int32) if engines is None else np.asarray(engines, np.int32)
   samples = np.zeros((b, n * features.SAMPLES_PER_TOKEN), np.float32)
   valid = np.zeros((b, n), np.int32)
   lab = np.zeros((b, label_len), np.int32)
@@ -181,7 +191,8 @@ def make_batch(audios: Sequence[np.ndarray], labels: Sequence[np.ndarray], n: in
     lab_pad[r, :len(y)] = 0.0
   mel = features.log_mel(samples, num_mels)
   mel *= np.repeat(valid, features.FRAMES_PER_TOKEN, axis=1)[:, :, None]
-  return {"mel": mel, "valid": valid, "labels": lab, "label_paddings": lab_pad}
+  return {"mel": mel, "valid": valid, "labels": lab, "label_paddings": lab_pad,
+          "engine": engine}
 
 
 def train_iterator(source: ManifestSource, data: Prepared, shapes: list[tuple[int, int]], *,

@@ -268,7 +268,8 @@ class Encoded(NamedTuple):
 
 class SpeechTokenizerModel(nnx.Module):
   def __init__(self, cfg: EncoderConfig, codebook_size: int, units: int, *, rngs: nnx.Rngs,
-               inter_ctc: bool = False, code_dim: int = 0, normalize_codes: bool = False):
+               inter_ctc: bool = False, code_dim: int = 0, normalize_codes: bool = False,
+               engine_classes: int = 0):
     self.cfg = cfg
     d = cfg.d_model
     self.conv1 = Conv1d(cfg.num_mels, d, 1, cfg, rngs=rngs)
@@ -301,6 +302,11 @@ class SpeechTokenizerModel(nnx.Module):
                                    rngs=rngs)
     else:
       self.inter_layer_norm = self.inter_ctc_head = None
+    if engine_classes:  # training-only engine adversary on what the quantizer sees
+      self.engine_hidden = Linear(d, (d,), ("embed", "mlp"), cfg, bias=True, rngs=rngs)
+      self.engine_head = Linear(d, (engine_classes,), ("mlp", None), cfg, bias=True, rngs=rngs)
+    else:
+      self.engine_hidden = self.engine_head = None
 
   @property
   def receptive_seconds(self) -> float:
@@ -377,14 +383,40 @@ class SpeechTokenizerModel(nnx.Module):
     x = self.inter_layer_norm(frames_BxTxD)
     return self.inter_ctc_head(x).astype(jnp.float32)
 
+  def engine_logits(self, h_BxNxD: jax.Array, reversal: jax.Array) -> jax.Array:
+    """Which TTS engine said each token, guessed from the pooled encoder output [B, N, E]
+    through a gradient reversal (Ganin & Lempitsky 2015): the head learns to tell the engines
+    apart while the encoder below gets `reversal` times the opposite gradient, so the tokens
+    keep less of what makes one synthesizer's speech unlike another's."""
+    x = reverse_gradient(h_BxNxD, reversal)
+    x = jax.nn.gelu(self.engine_hidden(x), approximate=False)
+    return self.engine_head(x).astype(jnp.float32)
+
   def logits_from_codes(self, codes_BxN: jax.Array, valid_BxN: jax.Array) -> jax.Array:
     """`transcribe --tokens`: stored codes -> CTC logits, without any audio."""
     return self.ctc_logits(self.from_code_space(self.vq.lookup(codes_BxN)), valid_BxN)
 
 
+@jax.custom_vjp
+def reverse_gradient(x: jax.Array, scale: jax.Array) -> jax.Array:
+  """Identity forward; backward, the incoming gradient times -scale (none for scale)."""
+  return x
+
+
+def _reverse_fwd(x: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return x, scale
+
+
+def _reverse_bwd(scale: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return (-scale * g).astype(g.dtype), jnp.zeros_like(scale)
+
+
+reverse_gradient.defvjp(_reverse_fwd, _reverse_bwd)
+
+
 def build(cfg: EncoderConfig, codebook_size: int, units: int, seed: int, *,
-          inter_ctc: bool = False, code_dim: int = 0,
-          normalize_codes: bool = False) -> SpeechTokenizerModel:
+          inter_ctc: bool = False, code_dim: int = 0, normalize_codes: bool = False,
+          engine_classes: int = 0) -> SpeechTokenizerModel:
   return SpeechTokenizerModel(cfg, codebook_size, units, rngs=nnx.Rngs(params=seed),
                               inter_ctc=inter_ctc, code_dim=code_dim,
-                              normalize_codes=normalize_codes)
+                              normalize_codes=normalize_codes, engine_classes=engine_classes)

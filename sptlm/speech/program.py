@@ -4,10 +4,13 @@ and the inference functions (tokens from features, CTC logits from tokens).
 State: {"step", "params" (nnx.Param, trained by optax), "opt_state", "vq" (the EMA codebook:
 updated inside the step, never by gradients)}.
 
-Loss per batch: CTC (per label unit) + vq.commitment_weight * commitment (per token).
-Metrics: loss, loss_ctc, loss_commit, grad_norm, lr, code_usage (fraction of codes used within
-the last vq.restart_after steps), code_perplexity (of this batch's codes), codes_restarted,
-tokens (real 12.5 Hz tokens).
+Loss per batch: CTC (per label unit) + vq.commitment_weight * commitment (per token)
+[+ asr.inter_ctc_weight * CTC below the VQ] [+ asr.engine_adversary_weight * the engine
+adversary's cross-entropy (per token of a known engine)].
+Metrics: loss, loss_ctc, loss_commit, loss_inter_ctc, loss_engine, engine_accuracy (the
+adversary's: near chance means the tokens hide the engine), grad_norm, lr, code_usage
+(fraction of codes used within the last vq.restart_after steps), code_perplexity (of this
+batch's codes), codes_restarted, tokens (real 12.5 Hz tokens).
 """
 
 import dataclasses
@@ -25,16 +28,27 @@ from sptlm.model import nnx_compat
 from sptlm.speech import model as model_lib
 from sptlm.speech import vq as vq_lib
 from sptlm.speech.config import SpeechTokenizerConfig
+from sptlm.speech.engines import ENGINES
 from sptlm.train import optimizer as optimizer_lib
 
 BATCH_NAMES = {"mel": ("batch", None, None), "valid": ("batch", None),
-               "labels": ("batch", None), "label_paddings": ("batch", None)}
+               "labels": ("batch", None), "label_paddings": ("batch", None),
+               "engine": ("batch",)}
 
 
 def make_model(cfg: SpeechTokenizerConfig, units: int) -> model_lib.SpeechTokenizerModel:
+  engines = len(ENGINES) if cfg.asr.engine_adversary_weight > 0 else 0
   return model_lib.build(cfg.model, cfg.vq.codebook_size, units, cfg.train.seed,
                          inter_ctc=cfg.asr.inter_ctc_weight > 0, code_dim=cfg.vq.code_dim,
-                         normalize_codes=cfg.vq.normalize)
+                         normalize_codes=cfg.vq.normalize, engine_classes=engines)
+
+
+def reversal_scale(step: jax.Array, steps: int) -> jax.Array:
+  """The engine adversary's gradient reversal at `step`: 2 / (1 + exp(-10 p)) - 1 with p the
+  share of training done (Ganin & Lempitsky 2015), so the encoder first learns the words while
+  the head learns the engines, and is pushed away from them only once both mean something."""
+  p = jnp.asarray(step, jnp.float32) / max(steps, 1)
+  return 2.0 / (1.0 + jnp.exp(-10.0 * p)) - 1.0
 
 
 def split_graphdef(model: nnx.Module) -> nnx.GraphDef:
@@ -48,7 +62,8 @@ def split(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict]:
 
 def loss_fn(params: dict, vq_state: dict, graphdef: nnx.GraphDef, batch: dict[str, jax.Array],
             commitment_weight: float, quantize: jax.Array,
-            inter_ctc_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+            inter_ctc_weight: float = 0.0, engine_weight: float = 0.0,
+            reversal: jax.Array | float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """CTC + commitment; before vq.warmup_steps (`quantize` false) the layers above the
   bottleneck see the unquantized encoder output while the codebook already follows it."""
   model = nnx.merge(graphdef, params, vq_state)
@@ -77,7 +92,20 @@ def loss_fn(params: dict, vq_state: dict, graphdef: nnx.GraphDef, batch: dict[st
                              batch["label_paddings"], blank_id=0)
     loss_inter = jnp.sum(inter_B) / n_labels
     loss = loss + inter_ctc_weight * loss_inter
+  loss_engine = engine_accuracy = jnp.zeros((), jnp.float32)
+  if engine_weight > 0:
+    engine_B = batch["engine"]
+    logits_BxNxE = model.engine_logits(enc.h_BxNxD, jnp.asarray(reversal, jnp.float32))
+    target_BxN = jnp.broadcast_to(jnp.maximum(engine_B, 0)[:, None], valid_BxN.shape)
+    known_BxN = w_BxN * (engine_B >= 0)[:, None]
+    n_known = jnp.maximum(jnp.sum(known_BxN), 1.0)
+    ce_BxN = optax.softmax_cross_entropy_with_integer_labels(logits_BxNxE, target_BxN)
+    loss_engine = jnp.sum(ce_BxN * known_BxN) / n_known
+    right_BxN = (jnp.argmax(logits_BxNxE, axis=-1) == target_BxN).astype(jnp.float32)
+    engine_accuracy = jnp.sum(right_BxN * known_BxN) / n_known
+    loss = loss + engine_weight * loss_engine
   aux = {"loss_ctc": loss_ctc, "loss_commit": loss_commit, "loss_inter_ctc": loss_inter,
+         "loss_engine": loss_engine, "engine_accuracy": engine_accuracy,
          "h": z_BxNxC,
          "codes": out.codes_BxN, "tokens": jnp.sum(w_BxN)}
   return loss, aux
@@ -93,7 +121,9 @@ def make_train_step(cfg: SpeechTokenizerConfig, graphdef: nnx.GraphDef,
   def train_step(state: dict, batch: dict[str, jax.Array]) -> tuple[dict, dict]:
     params, vq_state, step = state["params"], state["vq"], state["step"]
     (loss, aux), grads = grad_fn(params, vq_state, graphdef, batch, v.commitment_weight,
-                                 step >= v.warmup_steps, cfg.asr.inter_ctc_weight)
+                                 step >= v.warmup_steps, cfg.asr.inter_ctc_weight,
+                                 cfg.asr.engine_adversary_weight,
+                                 reversal_scale(step, cfg.train.steps))
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
@@ -101,7 +131,8 @@ def make_train_step(cfg: SpeechTokenizerConfig, graphdef: nnx.GraphDef,
         vq_state["vq"], aux["h"], aux["codes"], batch["valid"], decay=v.ema_decay,
         restart_after=v.restart_after, key=jax.random.fold_in(base_key, step))
     metrics = {"loss": loss, "loss_ctc": aux["loss_ctc"], "loss_commit": aux["loss_commit"],
-               "loss_inter_ctc": aux["loss_inter_ctc"],
+               "loss_inter_ctc": aux["loss_inter_ctc"], "loss_engine": aux["loss_engine"],
+               "engine_accuracy": aux["engine_accuracy"],
                "grad_norm": grad_norm, "lr": schedule(step), "code_usage": stats.usage,
                "code_perplexity": stats.perplexity, "codes_restarted": stats.restarted,
                "tokens": aux["tokens"]}

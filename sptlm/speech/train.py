@@ -7,7 +7,8 @@ handling and the non-finite-loss stop), `optimizer.make` and the logical-axis me
 run sees exactly the batches, dead-code restarts (keyed by step) and losses of an
 uninterrupted one.
 
-metrics.jsonl rows: step, loss, loss_ctc, loss_commit, grad_norm, lr, code_usage,
+metrics.jsonl rows: step, loss, loss_ctc, loss_commit, loss_inter_ctc, (with the engine
+adversary: loss_engine, engine_accuracy), grad_norm, lr, code_usage,
 code_perplexity, codes_restarted, tokens_per_s (12.5 Hz tokens of real audio per second),
 and every data.eval_every steps, for each of data.eval_splits, wer_<split> (transcribe: beam
 search with the run's word LM, WORKDIR/asr_lm.arpa), wer_greedy_<split> and code_usage_<split>.
@@ -277,8 +278,11 @@ def train(cfg: SpeechTokenizerConfig, workdir: str) -> dict[str, Any]:
     """tokens_per_s: 12.5 Hz tokens of real audio per second (padding not counted); audio_x:
     seconds of audio per second."""
     rate = rates["tokens_per_s"]
-    row = {k: m[k] for k in ("loss", "loss_ctc", "loss_commit", "loss_inter_ctc", "grad_norm",
-                             "lr", "code_usage", "code_perplexity", "codes_restarted")}
+    keys = ["loss", "loss_ctc", "loss_commit", "loss_inter_ctc", "grad_norm", "lr",
+            "code_usage", "code_perplexity", "codes_restarted"]
+    if cfg.asr.engine_adversary_weight > 0:
+      keys += ["loss_engine", "engine_accuracy"]
+    row = {k: m[k] for k in keys}
     row["tokens_per_s"] = rate
     return row, {"loss": f"{float(m['loss']):.3f}", "audio_x": f"{rate / 12.5:.1f}"}
 
