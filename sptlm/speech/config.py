@@ -79,10 +79,11 @@ class AsrConfig:
   units: int  # unit vocabulary size, at most (the head has units + 1 outputs: + blank)
   text_tokenizer: str  # a SentencePiece model; "" trains one on the training transcripts
   inter_ctc_weight: float = 0.0  # > 0: + this x a CTC loss on the 50 Hz frames below the VQ
-  # > 0: + this x the cross-entropy of a head that guesses each token's TTS engine (the
-  # manifest's `engine`; clips without one are left out) from the encoder output below the VQ,
-  # through a gradient reversal that ramps 0 -> 1 over training (Ganin & Lempitsky 2015): the
-  # encoder is pushed to drop what tells the engines apart. Training only; not in the tokens.
+  # > 0: a head learns to guess each token's TTS engine (the manifest's `engine`; clips without
+  # one are left out) from the encoder output below the VQ, and the encoder to leave it unsure
+  # (cross-entropy to the uniform over the batch's engines, ramped in over training, after
+  # Ganin & Lempitsky 2015 and Tzeng et al. 2015): this x (head loss + ramp x confusion loss).
+  # The encoder is pushed to drop what tells the engines apart. Training only; not in tokens.
   engine_adversary_weight: float = 0.0
   # transcription: CTC prefix beam search with a word n-gram LM (sptlm.speech.ctc_decode) trained
   # at the start of training on the corpus's lm_text.txt (else its training transcripts) and

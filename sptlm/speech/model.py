@@ -383,35 +383,21 @@ class SpeechTokenizerModel(nnx.Module):
     x = self.inter_layer_norm(frames_BxTxD)
     return self.inter_ctc_head(x).astype(jnp.float32)
 
-  def engine_logits(self, h_BxNxD: jax.Array, reversal: jax.Array) -> jax.Array:
-    """Which TTS engine said each token, guessed from the pooled encoder output [B, N, E]
-    through a gradient reversal (Ganin & Lempitsky 2015): the head learns to tell the engines
-    apart while the encoder below gets `reversal` times the opposite gradient, so the tokens
-    keep less of what makes one synthesizer's speech unlike another's."""
-    x = reverse_gradient(h_BxNxD, reversal)
-    x = jax.nn.gelu(self.engine_hidden(x), approximate=False)
-    return self.engine_head(x).astype(jnp.float32)
+  def engine_logits(self, h_BxNxD: jax.Array, *, frozen: bool = False) -> jax.Array:
+    """Which TTS engine said each token, guessed from the pooled encoder output: [B, N, E].
+    `frozen`: no gradient reaches the head's own weights (the encoder's confusion loss)."""
+    hold = jax.lax.stop_gradient if frozen else (lambda v: v)
+
+    def linear(m: Linear, x: jax.Array) -> jax.Array:
+      return (jnp.tensordot(x, hold(m.kernel.value).astype(x.dtype), axes=1)
+              + hold(m.bias.value).astype(x.dtype))
+
+    x = jax.nn.gelu(linear(self.engine_hidden, h_BxNxD), approximate=False)
+    return linear(self.engine_head, x).astype(jnp.float32)
 
   def logits_from_codes(self, codes_BxN: jax.Array, valid_BxN: jax.Array) -> jax.Array:
     """`transcribe --tokens`: stored codes -> CTC logits, without any audio."""
     return self.ctc_logits(self.from_code_space(self.vq.lookup(codes_BxN)), valid_BxN)
-
-
-@jax.custom_vjp
-def reverse_gradient(x: jax.Array, scale: jax.Array) -> jax.Array:
-  """Identity forward; backward, the incoming gradient times -scale (none for scale)."""
-  return x
-
-
-def _reverse_fwd(x: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
-  return x, scale
-
-
-def _reverse_bwd(scale: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-  return (-scale * g).astype(g.dtype), jnp.zeros_like(scale)
-
-
-reverse_gradient.defvjp(_reverse_fwd, _reverse_bwd)
 
 
 def build(cfg: EncoderConfig, codebook_size: int, units: int, seed: int, *,

@@ -5,10 +5,10 @@ State: {"step", "params" (nnx.Param, trained by optax), "opt_state", "vq" (the E
 updated inside the step, never by gradients)}.
 
 Loss per batch: CTC (per label unit) + vq.commitment_weight * commitment (per token)
-[+ asr.inter_ctc_weight * CTC below the VQ] [+ asr.engine_adversary_weight * the engine
-adversary's cross-entropy (per token of a known engine)].
-Metrics: loss, loss_ctc, loss_commit, loss_inter_ctc, loss_engine, engine_accuracy (the
-adversary's: near chance means the tokens hide the engine), grad_norm, lr, code_usage
+[+ asr.inter_ctc_weight * CTC below the VQ] [+ asr.engine_adversary_weight * (the engine
+head's cross-entropy + ramp * the encoder's confusion loss), per token of a known engine].
+Metrics: loss, loss_ctc, loss_commit, loss_inter_ctc, loss_engine and engine_accuracy (the
+engine head's: near chance means the tokens hide the engine), loss_confusion, grad_norm, lr, code_usage
 (fraction of codes used within the last vq.restart_after steps), code_perplexity (of this
 batch's codes), codes_restarted, tokens (real 12.5 Hz tokens).
 """
@@ -43,10 +43,11 @@ def make_model(cfg: SpeechTokenizerConfig, units: int) -> model_lib.SpeechTokeni
                          normalize_codes=cfg.vq.normalize, engine_classes=engines)
 
 
-def reversal_scale(step: jax.Array, steps: int) -> jax.Array:
-  """The engine adversary's gradient reversal at `step`: 2 / (1 + exp(-10 p)) - 1 with p the
-  share of training done (Ganin & Lempitsky 2015), so the encoder first learns the words while
-  the head learns the engines, and is pushed away from them only once both mean something."""
+def adversary_ramp(step: jax.Array, steps: int) -> jax.Array:
+  """The weight of the encoder's engine-confusion loss at `step`: 2 / (1 + exp(-10 p)) - 1 with
+  p the share of training done (Ganin & Lempitsky 2015's schedule), so the encoder first
+  learns the words while the head learns the engines, and is asked to hide them only once
+  both mean something."""
   p = jnp.asarray(step, jnp.float32) / max(steps, 1)
   return 2.0 / (1.0 + jnp.exp(-10.0 * p)) - 1.0
 
@@ -63,7 +64,7 @@ def split(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict]:
 def loss_fn(params: dict, vq_state: dict, graphdef: nnx.GraphDef, batch: dict[str, jax.Array],
             commitment_weight: float, quantize: jax.Array,
             inter_ctc_weight: float = 0.0, engine_weight: float = 0.0,
-            reversal: jax.Array | float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+            confusion: jax.Array | float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """CTC + commitment; before vq.warmup_steps (`quantize` false) the layers above the
   bottleneck see the unquantized encoder output while the codebook already follows it."""
   model = nnx.merge(graphdef, params, vq_state)
@@ -92,20 +93,30 @@ def loss_fn(params: dict, vq_state: dict, graphdef: nnx.GraphDef, batch: dict[st
                              batch["label_paddings"], blank_id=0)
     loss_inter = jnp.sum(inter_B) / n_labels
     loss = loss + inter_ctc_weight * loss_inter
-  loss_engine = engine_accuracy = jnp.zeros((), jnp.float32)
+  loss_engine = engine_accuracy = loss_confusion = jnp.zeros((), jnp.float32)
   if engine_weight > 0:
+    # the head learns the engines from features it cannot move...
     engine_B = batch["engine"]
-    logits_BxNxE = model.engine_logits(enc.h_BxNxD, jnp.asarray(reversal, jnp.float32))
     target_BxN = jnp.broadcast_to(jnp.maximum(engine_B, 0)[:, None], valid_BxN.shape)
     known_BxN = w_BxN * (engine_B >= 0)[:, None]
     n_known = jnp.maximum(jnp.sum(known_BxN), 1.0)
+    logits_BxNxE = model.engine_logits(jax.lax.stop_gradient(enc.h_BxNxD))
     ce_BxN = optax.softmax_cross_entropy_with_integer_labels(logits_BxNxE, target_BxN)
     loss_engine = jnp.sum(ce_BxN * known_BxN) / n_known
     right_BxN = (jnp.argmax(logits_BxNxE, axis=-1) == target_BxN).astype(jnp.float32)
     engine_accuracy = jnp.sum(right_BxN * known_BxN) / n_known
-    loss = loss + engine_weight * loss_engine
+    # ...and the encoder learns to leave the (frozen) head unsure among the batch's engines:
+    # cross-entropy to the uniform over them, bounded below by its log, unlike a reversed
+    # gradient, which lets the encoder win by making the head ever more confidently wrong
+    present_E = jnp.zeros(logits_BxNxE.shape[-1]).at[jnp.maximum(engine_B, 0)].max(
+        (engine_B >= 0).astype(jnp.float32))
+    uniform_E = present_E / jnp.maximum(jnp.sum(present_E), 1.0)
+    logp_BxNxE = jax.nn.log_softmax(model.engine_logits(enc.h_BxNxD, frozen=True))
+    loss_confusion = jnp.sum(-jnp.sum(logp_BxNxE * uniform_E, -1) * known_BxN) / n_known
+    loss = loss + engine_weight * (loss_engine + confusion * loss_confusion)
   aux = {"loss_ctc": loss_ctc, "loss_commit": loss_commit, "loss_inter_ctc": loss_inter,
          "loss_engine": loss_engine, "engine_accuracy": engine_accuracy,
+         "loss_confusion": loss_confusion,
          "h": z_BxNxC,
          "codes": out.codes_BxN, "tokens": jnp.sum(w_BxN)}
   return loss, aux
@@ -123,7 +134,7 @@ def make_train_step(cfg: SpeechTokenizerConfig, graphdef: nnx.GraphDef,
     (loss, aux), grads = grad_fn(params, vq_state, graphdef, batch, v.commitment_weight,
                                  step >= v.warmup_steps, cfg.asr.inter_ctc_weight,
                                  cfg.asr.engine_adversary_weight,
-                                 reversal_scale(step, cfg.train.steps))
+                                 adversary_ramp(step, cfg.train.steps))
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
@@ -132,7 +143,7 @@ def make_train_step(cfg: SpeechTokenizerConfig, graphdef: nnx.GraphDef,
         restart_after=v.restart_after, key=jax.random.fold_in(base_key, step))
     metrics = {"loss": loss, "loss_ctc": aux["loss_ctc"], "loss_commit": aux["loss_commit"],
                "loss_inter_ctc": aux["loss_inter_ctc"], "loss_engine": aux["loss_engine"],
-               "engine_accuracy": aux["engine_accuracy"],
+               "engine_accuracy": aux["engine_accuracy"], "loss_confusion": aux["loss_confusion"],
                "grad_norm": grad_norm, "lr": schedule(step), "code_usage": stats.usage,
                "code_perplexity": stats.perplexity, "codes_restarted": stats.restarted,
                "tokens": aux["tokens"]}

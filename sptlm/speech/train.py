@@ -8,7 +8,7 @@ run sees exactly the batches, dead-code restarts (keyed by step) and losses of a
 uninterrupted one.
 
 metrics.jsonl rows: step, loss, loss_ctc, loss_commit, loss_inter_ctc, (with the engine
-adversary: loss_engine, engine_accuracy), grad_norm, lr, code_usage,
+adversary: loss_engine, engine_accuracy, loss_confusion), grad_norm, lr, code_usage,
 code_perplexity, codes_restarted, tokens_per_s (12.5 Hz tokens of real audio per second),
 and every data.eval_every steps, for each of data.eval_splits, wer_<split> (transcribe: beam
 search with the run's word LM, WORKDIR/asr_lm.arpa), wer_greedy_<split> and code_usage_<split>.
@@ -281,7 +281,7 @@ def train(cfg: SpeechTokenizerConfig, workdir: str) -> dict[str, Any]:
     keys = ["loss", "loss_ctc", "loss_commit", "loss_inter_ctc", "grad_norm", "lr",
             "code_usage", "code_perplexity", "codes_restarted"]
     if cfg.asr.engine_adversary_weight > 0:
-      keys += ["loss_engine", "engine_accuracy"]
+      keys += ["loss_engine", "engine_accuracy", "loss_confusion"]
     row = {k: m[k] for k in keys}
     row["tokens_per_s"] = rate
     return row, {"loss": f"{float(m['loss']):.3f}", "audio_x": f"{rate / 12.5:.1f}"}
