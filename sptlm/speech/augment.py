@@ -68,6 +68,17 @@ class AugmentConfig:
   time_masks: int = 0  # SpecAugment time masks per utterance
   time_mask_frames: int = 0  # each up to this many 10 ms frames long...
   time_mask_ratio: float = 0.05  # ...and up to this share of the utterance
+  # a new voice by Praat's Change gender before the chain (sptlm.speech.voice_change); off unless
+  # voice_prob > 0
+  voice_prob: float = 0.0
+  voice_formant_min: float = 0.85  # formant ratio, log-uniform: > 1 a shorter vocal tract
+  voice_formant_max: float = 1.2
+  voice_pitch_min: float = 80.0  # new pitch median (Hz), log-uniform
+  voice_pitch_max: float = 260.0
+  voice_range_min: float = 0.5  # pitch excursions around the median: < 1 flatter intonation
+  voice_range_max: float = 1.8
+  voice_duration_min: float = 0.85  # length factor (> 1 slower), pitch kept
+  voice_duration_max: float = 1.15
 
 
 # ---- Effects ---------------------------------------------------------------------------------

@@ -142,18 +142,21 @@ def from_config_dict(cfg: ml_collections.ConfigDict | dict) -> SpeechTokenizerCo
 def validate_augment(a: AugmentConfig) -> None:
   """Probabilities in [0, 1], ranges with min <= max, and the values each effect can use."""
   for effect in ("speed", "noise", "reverb", "telephone", "gain", "clip", "warp",
-                 "eq"):
+                 "eq", "voice"):
     p = getattr(a, f"{effect}_prob")
     if not 0.0 <= p <= 1.0:
       raise ConfigError(f"data.augment.{effect}_prob={p} must be within 0..1")
   for name in ("speed", "noise_snr_db", "reverb_rt60", "reverb_wet", "gain_db", "clip_level",
-               "warp"):
+               "warp", "voice_formant", "voice_pitch", "voice_range", "voice_duration"):
     low, high = getattr(a, f"{name}_min"), getattr(a, f"{name}_max")
     if low > high:
       raise ConfigError(f"data.augment.{name}_min={low} must be at most "
                         f"data.augment.{name}_max={high}")
   check_positive("data.augment.speed_min", a.speed_min)
   check_positive("data.augment.warp_min", a.warp_min)
+  for key in ("voice_formant_min", "voice_pitch_min", "voice_duration_min"):
+    check_positive(f"data.augment.{key}", getattr(a, key))
+  check_at_least("data.augment.voice_range_min", a.voice_range_min, 0.0)  # 0: monotone
   check_at_least("data.augment.eq_db", a.eq_db, 0.0)
   for key in ("freq_masks", "freq_mask_bins", "time_masks", "time_mask_frames"):
     check_at_least(f"data.augment.{key}", getattr(a, key), 0)

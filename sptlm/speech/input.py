@@ -27,7 +27,7 @@ import scipy.io.wavfile
 
 from sptlm.errors import InputError
 from sptlm.speech import augment as augment_lib
-from sptlm.speech import features
+from sptlm.speech import features, voice_change
 from sptlm.speech.augment import AugmentConfig
 from sptlm.speech.corpus import ManifestSource, Utterance
 from sptlm.speech.engines import ENGINES
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 TOKENS_PER_SECOND = features.SAMPLE_RATE / features.SAMPLES_PER_TOKEN  # 12.5
 AUGMENT_STREAM = 1  # keys augmentation apart from the batch plan's default_rng([seed, epoch])
 FEATURE_STREAM = 2  # and the feature effects (warp, masks) apart from the audio chain
+VOICE_STREAM = 3  # and the voice change (before the chain) apart from both
 
 
 def num_tokens(num_samples: int) -> int:
@@ -158,11 +159,14 @@ class _AugmentingLoader:
     audios = []
     for i in rows:
       min_tokens = -(-ctc_frames_needed(base.data.labels[i]) // base.up)
+      bounds = dict(min_samples=(min_tokens - 1) * features.SAMPLES_PER_TOKEN + 1,
+                    max_samples=n * features.SAMPLES_PER_TOKEN)
+      x = base.source.load(base.data.utts[i])
+      if self.augment.voice_prob:
+        x = voice_change.random_voice(
+            x, self.augment, np.random.default_rng([self.seed, VOICE_STREAM, index, i]), **bounds)
       rng = np.random.default_rng([self.seed, AUGMENT_STREAM, index, i])
-      audios.append(augment_lib.augment(
-          base.source.load(base.data.utts[i]), self.augment, rng,
-          min_samples=(min_tokens - 1) * features.SAMPLES_PER_TOKEN + 1,
-          max_samples=n * features.SAMPLES_PER_TOKEN))
+      audios.append(augment_lib.augment(x, self.augment, rng, **bounds))
     batch = make_batch(audios, [base.data.labels[i] for i in rows], n, base.num_mels,
                        n * base.up, [engine_class(base.data.utts[i].engine) for i in rows])
     if augment_lib.features_enabled(self.augment):
