@@ -102,3 +102,15 @@ def test_pipeline_voices_are_seeded_and_leave_the_other_draws_alone():
 def test_config_errors_name_the_key(change, match):
   with pytest.raises(ConfigError, match=match):
     validate_augment(dataclasses.replace(AugmentConfig(), **change))
+
+
+def test_clips_praat_cannot_change_are_kept_and_counted(monkeypatch, caplog):
+  short = _vowel(0.01)  # 160 samples: too short for a 60 Hz pitch analysis
+  before = voice_change.kept_count()
+  assert voice_change.random_voice(short, ON, np.random.default_rng(0)) is short
+  assert voice_change.kept_count() == before + 1
+  def broken(*args, **kwargs):
+    raise ValueError("a bug, not a clip Praat cannot change")
+  monkeypatch.setattr(voice_change, "change_voice", broken)
+  with pytest.raises(ValueError, match="a bug"):  # only Praat's own refusals are absorbed
+    voice_change.random_voice(_vowel(1.0), ON, np.random.default_rng(0))

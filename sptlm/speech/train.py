@@ -38,6 +38,7 @@ from sptlm.speech import input as input_lib
 from sptlm.speech import lm_text as lm_text_lib
 from sptlm.speech import program as program_lib
 from sptlm.speech import units as units_lib
+from sptlm.speech import voice_change
 from sptlm.speech import wer as wer_lib
 from sptlm.speech.config import SpeechTokenizerConfig
 from sptlm.speech.tokenizer import DECODING_FILE, LM_FILE, UNITS_FILE, SpeechTokenizer
@@ -284,6 +285,8 @@ def train(cfg: SpeechTokenizerConfig, workdir: str) -> dict[str, Any]:
       keys += ["loss_engine", "engine_accuracy", "loss_confusion"]
     row = {k: m[k] for k in keys}
     row["tokens_per_s"] = rate
+    if dcfg.augment.enabled and dcfg.augment.voice_prob:
+      row["voice_kept"] = voice_change.kept_count()  # clips Praat could not give a new voice
     return row, {"loss": f"{float(m['loss']):.3f}", "audio_x": f"{rate / 12.5:.1f}"}
 
   def run_eval(step: int, state: loop.State) -> dict[str, float]:

@@ -23,6 +23,13 @@ from sptlm.speech.features import SAMPLE_RATE
 log = logging.getLogger(__name__)
 PITCH_FLOOR, PITCH_CEILING = 60.0, 600.0  # Hz: Praat's pitch analysis range for any voice
 _PRAAT = threading.Lock()  # Praat's random state is global: seed and call under one lock
+_KEPT = [0]  # clips drawn for a new voice that Praat could not change (kept as they were)
+
+
+def kept_count() -> int:
+  """How many clips drawn for a new voice this process kept in their own (Praat could not
+  change them: too short, no voiced frame); the speech trainer reports it as voice_kept."""
+  return _KEPT[0]
 
 
 def _praat():
@@ -55,7 +62,7 @@ def random_voice(samples: np.ndarray, cfg: AugmentConfig, rng: np.random.Generat
   """With probability cfg.voice_prob, the clip in a random new voice: formant ratio and pitch
   median log-uniform, pitch range and duration uniform in their ranges, the duration moved so
   the output stays within [min_samples, max_samples]; the peak level is kept. A clip Praat
-  cannot change comes back as it was."""
+  cannot change comes back as it was and is counted (kept_count)."""
   if not cfg.enabled or not cfg.voice_prob:
     return samples
   u, formant, pitch, spread, duration = rng.random(5)  # always the same draws: the stream
@@ -68,22 +75,32 @@ def random_voice(samples: np.ndarray, cfg: AugmentConfig, rng: np.random.Generat
   lo_d, hi_d = max(cfg.voice_duration_min, min_samples / max(n, 1)), min(cfg.voice_duration_max,
                                                                          hi / max(n, 1))
   if lo_d > hi_d or not np.any(x):
-    return samples
+    return _kept(samples, "no room within the bucket" if np.any(x) else "silent")
   def log_uniform(t: float, a: float, b: float) -> float:
     return math.exp(math.log(a) + t * (math.log(b) - math.log(a)))
+  parselmouth, _ = _praat()
   try:
     y = change_voice(
         x, formant_ratio=log_uniform(formant, cfg.voice_formant_min, cfg.voice_formant_max),
         pitch_median_hz=log_uniform(pitch, cfg.voice_pitch_min, cfg.voice_pitch_max),
         pitch_range=cfg.voice_range_min + spread * (cfg.voice_range_max - cfg.voice_range_min),
         duration=lo_d + duration * (hi_d - lo_d), seed=seed)
-  except Exception as e:  # noqa: BLE001  (parselmouth.PraatError: no voiced frame, too short)
-    log.debug("voice change skipped: %s", e)
-    return samples
+  except parselmouth.PraatError as e:  # too short for pitch analysis, no voiced frame
+    return _kept(samples, str(e).splitlines()[0])
   y = y[:hi]
   if len(y) < min_samples:
     y = np.pad(y, (0, min_samples - len(y)))
   peak = float(np.abs(y).max())
   if not np.isfinite(peak) or peak == 0.0:
-    return samples
+    return _kept(samples, "Praat returned silence")
   return (y * (float(np.abs(x).max()) / peak)).astype(np.float32)
+
+
+def _kept(samples: np.ndarray, why: str) -> np.ndarray:
+  with _PRAAT:
+    _KEPT[0] += 1
+    first = _KEPT[0] == 1
+  (log.warning if first else log.debug)(
+      "voice change: kept a clip in its own voice (%s); further ones are counted as voice_kept "
+      "in metrics.jsonl", why)
+  return samples
