@@ -11,7 +11,7 @@ from sptlm.speech import config as config_lib
 from sptlm.speech import input as input_lib
 from sptlm.speech import program
 from sptlm.speech.corpus import Utterance
-from sptlm.speech.engines import ENGINES
+from sptlm.speech.engines import ADVERSARY_ENGINES, ENGINES
 
 from test_speech_model import small_config  # noqa: E402  (tests/ is on sys.path)
 
@@ -40,6 +40,7 @@ def test_confusion_ramps_in_from_zero_to_almost_one():
 
 def test_engine_classes_and_batches_carry_them():
   assert input_lib.engine_class("mbrola") == ENGINES.index("mbrola")
+  assert input_lib.engine_class("kokoro") == -1  # newer than the head: left out of it
   assert input_lib.engine_class("") == input_lib.engine_class("a recording") == -1
   cfg = _config()
   assert _batch(cfg, [0, 3, -1])["engine"].tolist() == [0, 3, -1]
@@ -121,7 +122,7 @@ def test_train_step_reports_the_adversary_and_off_means_no_head():
   m = jax.device_get(metrics)
   assert np.isfinite(m["loss"]) and m["loss_engine"] > 0
   assert m["loss_confusion"] >= np.log(2) - 1e-5  # two engines in the batch
-  assert state["params"]["engine_head"]["kernel"].shape == (32, len(ENGINES))
+  assert state["params"]["engine_head"]["kernel"].shape == (32, len(ADVERSARY_ENGINES))
   off = program.make_model(_config(), 32)
   assert off.engine_head is None and off.engine_hidden is None  # old work dirs: same tree
 

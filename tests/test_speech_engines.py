@@ -33,7 +33,10 @@ def _installed(name: str) -> engines.Engine:
 def test_each_engine_renders_speech_that_its_settings_change(name):
   engine = _installed(name)
   assert engine.voices()
-  for voice in engine.voices():
+  voices = engine.voices()
+  if name == "kokoro":  # 15 voices at ~1 s a render: one speaker and one blend
+    voices = [voices[0], voices[-1]]
+  for voice in voices:
     slow = engine.render(SENTENCE, voice, engines.Settings(85, 100, 100) if name != "mbrola"
                          else engines.Settings(130, 50, 100))
     fast = engine.render(SENTENCE, voice, engines.Settings(120, 100, 100) if name != "mbrola"
@@ -60,6 +63,28 @@ def test_draw_is_deterministic_and_inside_the_ranges():
       assert all(lo <= getattr(d, key) <= hi for d in draws)
   hts = engines.get("festival").draw(np.random.default_rng(0), "cmu_us_slt_arctic_hts")
   assert (hts.rate, hts.pitch) == (100, 100)
+  assert {engines.get("kokoro").draw(np.random.default_rng([1, i]), "v").pitch
+          for i in range(20)} == {100}  # Kokoro has no pitch control
+
+
+def test_kokoro_reads_english_phonemes_in_its_own_symbols_and_blends_voices():
+  kokoro = _installed("kokoro")
+  _, vocab, styles = kokoro._load()
+  for sentence in SENTENCES + [SENTENCE, "Why did you choose the joy of a cheap tour?"]:
+    phonemes = kokoro.phonemes(sentence)
+    assert "^" not in phonemes and "ː" not in phonemes
+    kept = [c for c in phonemes if c in vocab]
+    assert len(kept) >= 0.97 * len(phonemes), (sentence, set(phonemes) - set(vocab))
+  assert kokoro.phonemes("Why choose joy today?").count("I") == 1  # "why": a^ɪ -> I
+  base = [v for v in kokoro.voices() if "+" not in v]
+  assert len(base) == 5 and len(kokoro.voices()) == 5 + 10
+  settings = engines.Settings(100, 100, 100)
+  a, b = (kokoro.render(SENTENCE, v, settings) for v in base[:2])
+  blend = kokoro.render(SENTENCE, f"{base[0]}+{base[1]}", settings)
+  assert np.array_equal(a, kokoro.render(SENTENCE, base[0], settings))  # deterministic
+  assert not np.array_equal(blend[:len(a)], a[:len(blend)]) and len(blend) > SAMPLE_RATE
+  with pytest.raises(engines.EngineError, match="no voice 'nobody'"):
+    kokoro.render(SENTENCE, "nobody", settings)
 
 
 @pytest.fixture(scope="module")

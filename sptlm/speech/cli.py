@@ -355,7 +355,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
   q = sub.add_parser(
       "build-corpus", help="render text to speech with espeak-ng and other TTS engines (16 kHz)",
       description="Renders sentences to 16 kHz speech with many voices, rates and pitches of "
-      "one or more TTS engines (espeak-ng, MBROLA, Flite, Festival, Piper); splits train / "
+      "one or more TTS engines (espeak-ng, MBROLA, Flite, Festival, Piper, Kokoro); splits train / "
       "test (held-out sentences, said by every engine) / test_voices (held-out sentences and "
       "espeak-ng voices) / test_engine (held-out sentences said by --heldout-engine) / dev "
       "(other held-out sentences), and lm_text.txt (the sources' sentences minus the held-out "
@@ -375,8 +375,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
   q.add_argument("--heldout-variants", type=int, default=8,
                  help="espeak-ng voice variants kept out of training (default: 8)")
   q.add_argument("--engines", default="espeak",
-                 help="comma-separated TTS engines: espeak, mbrola, flite, festival, piper "
-                 "(default: espeak). One not installed is skipped with a line on stderr")
+                 help="comma-separated TTS engines: espeak, mbrola, flite, festival, piper, "
+                 "kokoro (default: espeak). One not installed is skipped with a line on stderr")
   q.add_argument("--heldout-engine", default="",
                  help="an engine of --engines never heard in training: it says only the "
                  "held-out sentences, as split test_engine")

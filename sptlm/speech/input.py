@@ -13,7 +13,7 @@ Batch fields ([B, ...] numpy arrays, this process's rows only):
   mel [B, 8N, M] float32 (zero past the audio), valid [B, N] int32 (1 inside the audio),
   labels [B, N * up] int32 (CTC classes, 0-padded), label_paddings [B, N * up] float32
   (1.0 = padding), where up = model.ctc_upsample; engine [B] int32 (the utterance's TTS
-  engine as an index into sptlm.speech.engines.ENGINES, -1 when the manifest names none).
+  engine as an index into sptlm.speech.engines.ADVERSARY_ENGINES, -1 when it names none).
 """
 
 import dataclasses
@@ -30,7 +30,7 @@ from sptlm.speech import augment as augment_lib
 from sptlm.speech import features, voice_change
 from sptlm.speech.augment import AugmentConfig
 from sptlm.speech.corpus import ManifestSource, Utterance
-from sptlm.speech.engines import ENGINES
+from sptlm.speech.engines import ADVERSARY_ENGINES
 from sptlm.speech.units import Units, ctc_frames_needed
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def duration(source: ManifestSource, utt: Utterance) -> float:
 
 def engine_class(name: str) -> int:
   """The engine adversary's class of a manifest `engine` (-1: none it knows, left out)."""
-  return ENGINES.index(name) if name in ENGINES else -1
+  return ADVERSARY_ENGINES.index(name) if name in ADVERSARY_ENGINES else -1
 
 
 @dataclasses.dataclass(frozen=True)

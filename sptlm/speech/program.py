@@ -28,7 +28,7 @@ from sptlm.model import nnx_compat
 from sptlm.speech import model as model_lib
 from sptlm.speech import vq as vq_lib
 from sptlm.speech.config import SpeechTokenizerConfig
-from sptlm.speech.engines import ENGINES
+from sptlm.speech.engines import ADVERSARY_ENGINES
 from sptlm.train import optimizer as optimizer_lib
 
 BATCH_NAMES = {"mel": ("batch", None, None), "valid": ("batch", None),
@@ -37,7 +37,7 @@ BATCH_NAMES = {"mel": ("batch", None, None), "valid": ("batch", None),
 
 
 def make_model(cfg: SpeechTokenizerConfig, units: int) -> model_lib.SpeechTokenizerModel:
-  engines = len(ENGINES) if cfg.asr.engine_adversary_weight > 0 else 0
+  engines = len(ADVERSARY_ENGINES) if cfg.asr.engine_adversary_weight > 0 else 0
   return model_lib.build(cfg.model, cfg.vq.codebook_size, units, cfg.train.seed,
                          inter_ctc=cfg.asr.inter_ctc_weight > 0, code_dim=cfg.vq.code_dim,
                          normalize_codes=cfg.vq.normalize, engine_classes=engines)
