@@ -19,6 +19,9 @@ from sptlm.speech.augment import NOISE_COLORS, AugmentConfig
 
 KIND = "speech_tokenizer"  # the `kind` key of every speech tokenizer config file
 POSITIONS = ("sinusoid", "rope")  # model.positions (sptlm.speech.model)
+# model.frontend: Whisper's 128-bin log-mel into a trained conv stem, or Google's frozen
+# speech_embedding (sptlm.speech.speech_embedding; 32 bins) pre-trained on real speech
+FRONTENDS = ("whisper_mel", "speech_embedding")
 UNIT_TYPES = ("char", "unigram")  # asr.unit_type: SentencePiece model types (sptlm.speech.units)
 
 
@@ -56,6 +59,10 @@ class EncoderConfig:
   # constant offset per bin) is gone before the encoder sees it; a token then depends on audio
   # up to half of it further away
   mel_norm_seconds: float = 0.0
+  # what turns audio into the encoder's 50 Hz input (FRONTENDS): "whisper_mel" (log-mel ->
+  # conv1 -> conv2) or "speech_embedding" (32-bin log-mel -> a frozen CNN pre-trained on real
+  # speech, 96-d at 12.5 Hz -> layer norm -> one linear map per 50 Hz phase)
+  frontend: str = "whisper_mel"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +191,7 @@ def validate(c: SpeechTokenizerConfig) -> None:
   for key in ("layers_before_vq", "layers_after_vq"):
     check_at_least(f"model.{key}", getattr(m, key), 0)
   check_choice("model.positions", m.positions, POSITIONS)
+  check_choice("model.frontend", m.frontend, FRONTENDS)
   check_choice("model.dtype", m.dtype, config_lib.DTYPES)
   check_choice("model.param_dtype", m.param_dtype, config_lib.DTYPES)
   check_positive("model.max_seconds", m.max_seconds)
@@ -213,6 +221,14 @@ def validate(c: SpeechTokenizerConfig) -> None:
   if n and (m.block_causal_seconds or m.causal_stem):
     raise ConfigError(f"model.mel_norm_seconds={n} looks ahead as far as back: set it to 0 for "
                       "a causal encoder (block_causal_seconds, causal_stem)")
+  if m.frontend == "speech_embedding":
+    if m.num_mels != 32:
+      raise ConfigError(f"model.num_mels={m.num_mels}: model.frontend='speech_embedding' reads "
+                        "32 mel bins; set model.num_mels=32")
+    if m.mel_norm_seconds or m.causal_stem or m.block_causal_seconds:
+      raise ConfigError("model.frontend='speech_embedding' sees 380 ms ahead and normalizes "
+                        "nothing: set model.mel_norm_seconds=0, model.causal_stem=False and "
+                        "model.block_causal_seconds=0")
   if m.conv_kernel < 0 or (m.conv_kernel and m.conv_kernel % 2 == 0):
     raise ConfigError(f"model.conv_kernel={m.conv_kernel} must be 0 (off) or odd")
   if not 0 <= m.token_rate_layers <= m.layers_after_vq:

@@ -93,3 +93,11 @@ def log_mel(audio_BxS: np.ndarray, num_mels: int = 128) -> np.ndarray:
   log = np.maximum(np.log10(np.maximum(mel_BxFxM, 1e-10)), LOG_FLOOR)
   out = ((log + 4.0) / 4.0).astype(np.float32)
   return out[0] if single else out
+
+
+def featurize(audio_BxS: np.ndarray, num_mels: int, frontend: str = "whisper_mel") -> np.ndarray:
+  """The model's input features (model.frontend): [B, S // 160, num_mels] either way."""
+  if frontend == "speech_embedding":
+    from sptlm.speech import speech_embedding  # pylint: disable=import-outside-toplevel
+    return speech_embedding.log_mel(audio_BxS)
+  return log_mel(audio_BxS, num_mels)

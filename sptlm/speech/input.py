@@ -130,9 +130,10 @@ class _Loader:
   """Batch plan entry -> numpy batch (this process's rows)."""
 
   def __init__(self, source: ManifestSource, data: Prepared, shapes: list[tuple[int, int]],
-               num_mels: int, ctc_upsample: int, process_index: int, process_count: int):
+               num_mels: int, ctc_upsample: int, process_index: int, process_count: int,
+               frontend: str = "whisper_mel"):
     self.source, self.data, self.shapes = source, data, shapes
-    self.num_mels, self.up = num_mels, ctc_upsample
+    self.num_mels, self.up, self.frontend = num_mels, ctc_upsample, frontend
     self.pi, self.pc = process_index, process_count
 
   def __call__(self, entry: tuple[int, tuple[int, ...]]) -> dict[str, np.ndarray]:
@@ -141,7 +142,7 @@ class _Loader:
     rows = members[self.pi * b // self.pc:(self.pi + 1) * b // self.pc]
     return make_batch([self.source.load(self.data.utts[i]) for i in rows],
                       [self.data.labels[i] for i in rows], n, self.num_mels, n * self.up,
-                      [engine_class(self.data.utts[i].engine) for i in rows])
+                      [engine_class(self.data.utts[i].engine) for i in rows], self.frontend)
 
 
 class _AugmentingLoader:
@@ -168,7 +169,8 @@ class _AugmentingLoader:
       rng = np.random.default_rng([self.seed, AUGMENT_STREAM, index, i])
       audios.append(augment_lib.augment(x, self.augment, rng, **bounds))
     batch = make_batch(audios, [base.data.labels[i] for i in rows], n, base.num_mels,
-                       n * base.up, [engine_class(base.data.utts[i].engine) for i in rows])
+                       n * base.up, [engine_class(base.data.utts[i].engine) for i in rows],
+                       base.frontend)
     if augment_lib.features_enabled(self.augment):
       for r, (i, x) in enumerate(zip(rows, audios)):
         rng = np.random.default_rng([self.seed, FEATURE_STREAM, index, i])
@@ -179,7 +181,8 @@ class _AugmentingLoader:
 
 def make_batch(audios: Sequence[np.ndarray], labels: Sequence[np.ndarray], n: int,
                num_mels: int, label_len: int,
-               engines: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+               engines: Sequence[int] | None = None,
+               frontend: str = "whisper_mel") -> dict[str, np.ndarray]:
   """Pads audio to N tokens each and featurizes in one batched call."""
   b = len(audios)
   engine = np.full((b,), -1, np.int32) if engines is None else np.asarray(engines, np.int32)
@@ -193,7 +196,7 @@ def make_batch(audios: Sequence[np.ndarray], labels: Sequence[np.ndarray], n: in
     valid[r, :num_tokens(len(x))] = 1
     lab[r, :len(y)] = y
     lab_pad[r, :len(y)] = 0.0
-  mel = features.log_mel(samples, num_mels)
+  mel = features.featurize(samples, num_mels, frontend)
   mel *= np.repeat(valid, features.FRAMES_PER_TOKEN, axis=1)[:, :, None]
   return {"mel": mel, "valid": valid, "labels": lab, "label_paddings": lab_pad,
           "engine": engine}
@@ -203,7 +206,8 @@ def train_iterator(source: ManifestSource, data: Prepared, shapes: list[tuple[in
                    steps: int, seed: int, num_mels: int, ctc_upsample: int = 1,
                    short_first: bool = False, process_index: int = 0,
                    process_count: int = 1,
-                   augment: AugmentConfig = AugmentConfig()) -> grain.DatasetIterator:
+                   augment: AugmentConfig = AugmentConfig(),
+                   frontend: str = "whisper_mel") -> grain.DatasetIterator:
   """A checkpointable iterator over `steps` (or more) batches; `augment` (data.augment, the
   training split only) is off by default."""
   per_epoch = len(plan_batches(data.tokens, shapes, seed=seed, epochs=1))
@@ -212,7 +216,8 @@ def train_iterator(source: ManifestSource, data: Prepared, shapes: list[tuple[in
                      "data.batch_seconds")
   plan = plan_batches(data.tokens, shapes, seed=seed, epochs=math.ceil(steps / per_epoch) + 1,
                       short_first=short_first)
-  loader = _Loader(source, data, shapes, num_mels, ctc_upsample, process_index, process_count)
+  loader = _Loader(source, data, shapes, num_mels, ctc_upsample, process_index, process_count,
+                   frontend)
   if augment.enabled:
     ds = grain.MapDataset.source(plan).map_with_index(_AugmentingLoader(loader, augment, seed))
   else:

@@ -3,6 +3,8 @@
   log-mel [B, 8N, 128] (100 Hz)
     [-> minus each bin's sliding mean (model.mel_norm_seconds)]
     -> conv1 (k3) + GELU -> conv2 (k3, stride 2) + GELU [-> + sinusoids]   [B, 4N, D] (50 Hz)
+    (model.frontend="speech_embedding" instead: 32-bin log-mel -> frozen speech_embedding CNN
+     [B, N, 96] -> layer norm -> one linear map per 50 Hz phase                [B, 4N, D])
     -> layers_before_vq (pre-LN transformer layers; positions=rope: rotary q, k instead)
     -> average pooling x4                                                     [B, N, D] (12.5 Hz)
     -> vector quantizer (EMA codebook)           => the tokens: codes [B, N] in [0, K)
@@ -42,6 +44,7 @@ from flax import nnx
 
 from sptlm import sharding
 from sptlm.model import attention, nnx_compat, rotary
+from sptlm.speech import speech_embedding
 from sptlm.speech.config import EncoderConfig
 from sptlm.speech.vq import VectorQuantizer
 
@@ -228,7 +231,8 @@ def receptive_seconds(cfg: EncoderConfig) -> float:
   if not cfg.attention_window_seconds and cfg.layers_before_vq:
     return float("inf")
   conv = 0.02 * (cfg.conv_kernel // 2)  # each layer's depthwise convolution reaches this far
-  return (cfg.layers_before_vq * (cfg.attention_window_seconds + conv) + 0.03 + 0.02 * cfg.pool
+  stem = speech_embedding.RECEPTIVE_SECONDS if cfg.frontend == "speech_embedding" else 0.03
+  return (cfg.layers_before_vq * (cfg.attention_window_seconds + conv) + stem + 0.02 * cfg.pool
           + cfg.mel_norm_seconds / 2)
 
 
@@ -272,8 +276,15 @@ class SpeechTokenizerModel(nnx.Module):
                engine_classes: int = 0):
     self.cfg = cfg
     d = cfg.d_model
-    self.conv1 = Conv1d(cfg.num_mels, d, 1, cfg, rngs=rngs)
-    self.conv2 = Conv1d(d, d, 2, cfg, rngs=rngs)
+    if cfg.frontend == "speech_embedding":  # frozen CNN (no parameters here) -> LN -> phases
+      self.conv1 = self.conv2 = None
+      self.embed_layer_norm = LayerNorm(speech_embedding.DIM, cfg, rngs=rngs)
+      self.embed_proj = Linear(speech_embedding.DIM, (cfg.pool, d), (None, None, "embed"), cfg,
+                               bias=True, rngs=rngs)
+    else:
+      self.conv1 = Conv1d(cfg.num_mels, d, 1, cfg, rngs=rngs)
+      self.conv2 = Conv1d(d, d, 2, cfg, rngs=rngs)
+      self.embed_layer_norm = self.embed_proj = None
     self.layers_before_vq = Layers(cfg, cfg.layers_before_vq, rngs=rngs,
                                    rope=cfg.positions == "rope")
     if code_dim:  # factorized codes: LN -> down to code_dim -> VQ -> back up to d_model
@@ -324,8 +335,14 @@ class SpeechTokenizerModel(nnx.Module):
     if cfg.mel_norm_seconds:
       half = round(cfg.mel_norm_seconds * 50)  # 100 Hz frames each way
       mel_BxFxM = normalize_mel(mel_BxFxM, jnp.repeat(valid_BxN, FRAMES_PER_TOKEN, axis=1), half)
-    x = jax.nn.gelu(self.conv1(mel_BxFxM.astype(dt)), approximate=False)
-    x_BxTxD = jax.nn.gelu(self.conv2(x), approximate=False)
+    if self.embed_proj is not None:  # [B, N, 96] -> [B, N, pool, D] -> [B, 4N, D]
+      valid_BxF = jnp.repeat(valid_BxN, FRAMES_PER_TOKEN, axis=1)
+      e_BxNxE = jax.lax.stop_gradient(speech_embedding.embed(mel_BxFxM, valid_BxF))
+      x_BxTxD = self.embed_proj(self.embed_layer_norm(e_BxNxE.astype(dt)))
+      x_BxTxD = x_BxTxD.reshape(b, n * cfg.pool, cfg.d_model)
+    else:
+      x = jax.nn.gelu(self.conv1(mel_BxFxM.astype(dt)), approximate=False)
+      x_BxTxD = jax.nn.gelu(self.conv2(x), approximate=False)
     t = x_BxTxD.shape[1]
     if cfg.positions == "sinusoid":  # Whisper's; with "rope" the attention rotates q and k
       x_BxTxD = x_BxTxD + jnp.asarray(sinusoids(t, cfg.d_model), dt)

@@ -182,7 +182,7 @@ class SpeechTokenizer:
     n = num_tokens(len(samples))
     padded = np.zeros(n * features.SAMPLES_PER_TOKEN, np.float32)
     padded[:len(samples)] = samples
-    return features.log_mel(padded, self.cfg.model.num_mels)
+    return features.featurize(padded, self.cfg.model.num_mels, self.cfg.model.frontend)
 
   def encode(self, audios: Sequence[np.ndarray]) -> list[np.ndarray]:
     """16 kHz mono float audio -> int32 codes, exactly ceil(len / 1280) per input."""

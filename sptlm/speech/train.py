@@ -245,7 +245,7 @@ def train(cfg: SpeechTokenizerConfig, workdir: str) -> dict[str, Any]:
       source, data, shapes, steps=tcfg.steps, seed=tcfg.seed, num_mels=cfg.model.num_mels,
       ctc_upsample=cfg.model.ctc_upsample, short_first=dcfg.short_first,
       augment=dcfg.augment, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), frontend=cfg.model.frontend)
   eval_sets = _eval_sets(cfg, source)
   lm = _language_model(cfg, source, wd)
   tune_utts = []
