@@ -75,6 +75,20 @@ def test_jax_cnn_equals_the_onnx_embedding_model_on_every_window():
   np.testing.assert_allclose(ours, ref, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("layer, reach", [("embedding", 4), ("pool4", 2)])
+def test_a_token_reads_the_audio_around_it(layer, reach):
+  """A change in token 10's frames moves tokens within `reach` of it on both sides and no
+  others: the window is centred on its token."""
+  rng = np.random.default_rng(5)
+  mel = (rng.normal(size=(1, 8 * 20, 32)) + 6).astype(np.float32)
+  bumped = mel.copy()
+  bumped[0, 83:85] += 5.0
+  moved = np.abs(np.asarray(speech_embedding.embed(jnp.asarray(bumped), layer=layer))
+                 - np.asarray(speech_embedding.embed(jnp.asarray(mel), layer=layer))).sum(-1)[0]
+  assert moved.shape == (20,)
+  np.testing.assert_array_equal(np.nonzero(moved > 1e-3)[0], np.arange(10 - reach, 11 + reach))
+
+
 def test_padding_frames_read_as_silence():
   mel = speech_embedding.log_mel(_speechlike(1.6, 2))[None]
   valid = np.zeros((1, mel.shape[1]), bool)
@@ -85,14 +99,16 @@ def test_padding_frames_read_as_silence():
   np.testing.assert_allclose(masked, speech_embedding.embed(jnp.asarray(silenced)), atol=1e-5)
 
 
-def test_encoder_layout_reach_and_chunked_tokens(units):
+@pytest.mark.parametrize("frontend, dim", [("speech_embedding", 96),
+                                           ("speech_embedding_pool4", 384)])
+def test_encoder_layout_reach_and_chunked_tokens(units, frontend, dim):
   """No conv stem: a layer norm and one linear map per 50 Hz phase on the frozen embeddings;
   a token reaches 380 ms further, and windows with that context give the whole file's tokens;
   batching with a longer clip changes nothing."""
-  cfg = small_config()
+  cfg = small_config(f"--config.model.frontend={frontend}")
   model = program.make_model(cfg, cfg.asr.units)
   assert model.conv1 is None and model.conv2 is None
-  assert model.embed_proj.kernel.value.shape == (96, cfg.model.pool, cfg.model.d_model)
+  assert model.embed_proj.kernel.value.shape == (dim, cfg.model.pool, cfg.model.d_model)
   assert model.receptive_seconds == pytest.approx(2 * (0.2 + 0.02) + 0.38 + 0.08)
 
   audio = _speechlike(9.6, 3)

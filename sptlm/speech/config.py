@@ -20,8 +20,9 @@ from sptlm.speech.augment import NOISE_COLORS, AugmentConfig
 KIND = "speech_tokenizer"  # the `kind` key of every speech tokenizer config file
 POSITIONS = ("sinusoid", "rope")  # model.positions (sptlm.speech.model)
 # model.frontend: Whisper's 128-bin log-mel into a trained conv stem, or Google's frozen
-# speech_embedding (sptlm.speech.speech_embedding; 32 bins) pre-trained on real speech
-FRONTENDS = ("whisper_mel", "speech_embedding")
+# speech_embedding (sptlm.speech.speech_embedding; 32 bins) pre-trained on real speech, its
+# output or (speech_embedding_pool4) a finer, less abstract layer of it
+FRONTENDS = ("whisper_mel", "speech_embedding", "speech_embedding_pool4")
 UNIT_TYPES = ("char", "unigram")  # asr.unit_type: SentencePiece model types (sptlm.speech.units)
 
 
@@ -221,12 +222,12 @@ def validate(c: SpeechTokenizerConfig) -> None:
   if n and (m.block_causal_seconds or m.causal_stem):
     raise ConfigError(f"model.mel_norm_seconds={n} looks ahead as far as back: set it to 0 for "
                       "a causal encoder (block_causal_seconds, causal_stem)")
-  if m.frontend == "speech_embedding":
+  if m.frontend.startswith("speech_embedding"):
     if m.num_mels != 32:
-      raise ConfigError(f"model.num_mels={m.num_mels}: model.frontend='speech_embedding' reads "
+      raise ConfigError(f"model.num_mels={m.num_mels}: model.frontend={m.frontend!r} reads "
                         "32 mel bins; set model.num_mels=32")
     if m.mel_norm_seconds or m.causal_stem or m.block_causal_seconds:
-      raise ConfigError("model.frontend='speech_embedding' sees 380 ms ahead and normalizes "
+      raise ConfigError(f"model.frontend={m.frontend!r} sees 380 ms ahead and normalizes "
                         "nothing: set model.mel_norm_seconds=0, model.causal_stem=False and "
                         "model.block_causal_seconds=0")
   if m.conv_kernel < 0 or (m.conv_kernel and m.conv_kernel % 2 == 0):

@@ -97,7 +97,7 @@ def log_mel(audio_BxS: np.ndarray, num_mels: int = 128) -> np.ndarray:
 
 def featurize(audio_BxS: np.ndarray, num_mels: int, frontend: str = "whisper_mel") -> np.ndarray:
   """The model's input features (model.frontend): [B, S // 160, num_mels] either way."""
-  if frontend == "speech_embedding":
+  if frontend.startswith("speech_embedding"):
     from sptlm.speech import speech_embedding  # pylint: disable=import-outside-toplevel
     return speech_embedding.log_mel(audio_BxS)
   return log_mel(audio_BxS, num_mels)

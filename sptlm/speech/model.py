@@ -225,13 +225,19 @@ class Layers(nnx.Module):
     return x_BxLxD
 
 
+def _embedding_layer(cfg: EncoderConfig) -> str:
+  """Which layer of speech_embedding the frontend reads ("" for Whisper's mel stem)."""
+  return {"speech_embedding": "embedding", "speech_embedding_pool4": "pool4"}.get(
+      cfg.frontend, "")
+
+
 def receptive_seconds(cfg: EncoderConfig) -> float:
   """How far beyond its own 80 ms a token's code can depend on audio, each way (inf with full
   attention): the windowed layers, the conv stem (30 ms) and, to be safe, one more token."""
   if not cfg.attention_window_seconds and cfg.layers_before_vq:
     return float("inf")
   conv = 0.02 * (cfg.conv_kernel // 2)  # each layer's depthwise convolution reaches this far
-  stem = speech_embedding.RECEPTIVE_SECONDS if cfg.frontend == "speech_embedding" else 0.03
+  stem = speech_embedding.RECEPTIVE_SECONDS if _embedding_layer(cfg) else 0.03
   return (cfg.layers_before_vq * (cfg.attention_window_seconds + conv) + stem + 0.02 * cfg.pool
           + cfg.mel_norm_seconds / 2)
 
@@ -276,11 +282,12 @@ class SpeechTokenizerModel(nnx.Module):
                engine_classes: int = 0):
     self.cfg = cfg
     d = cfg.d_model
-    if cfg.frontend == "speech_embedding":  # frozen CNN (no parameters here) -> LN -> phases
+    if _embedding_layer(cfg):  # frozen CNN (no parameters here) -> LN -> phases
+      dim = speech_embedding.DIMS[_embedding_layer(cfg)]
       self.conv1 = self.conv2 = None
-      self.embed_layer_norm = LayerNorm(speech_embedding.DIM, cfg, rngs=rngs)
-      self.embed_proj = Linear(speech_embedding.DIM, (cfg.pool, d), (None, None, "embed"), cfg,
-                               bias=True, rngs=rngs)
+      self.embed_layer_norm = LayerNorm(dim, cfg, rngs=rngs)
+      self.embed_proj = Linear(dim, (cfg.pool, d), (None, None, "embed"), cfg, bias=True,
+                               rngs=rngs)
     else:
       self.conv1 = Conv1d(cfg.num_mels, d, 1, cfg, rngs=rngs)
       self.conv2 = Conv1d(d, d, 2, cfg, rngs=rngs)
@@ -337,7 +344,8 @@ class SpeechTokenizerModel(nnx.Module):
       mel_BxFxM = normalize_mel(mel_BxFxM, jnp.repeat(valid_BxN, FRAMES_PER_TOKEN, axis=1), half)
     if self.embed_proj is not None:  # [B, N, 96] -> [B, N, pool, D] -> [B, 4N, D]
       valid_BxF = jnp.repeat(valid_BxN, FRAMES_PER_TOKEN, axis=1)
-      e_BxNxE = jax.lax.stop_gradient(speech_embedding.embed(mel_BxFxM, valid_BxF))
+      e_BxNxE = jax.lax.stop_gradient(
+          speech_embedding.embed(mel_BxFxM, valid_BxF, _embedding_layer(cfg)))
       x_BxTxD = self.embed_proj(self.embed_layer_norm(e_BxNxE.astype(dt)))
       x_BxTxD = x_BxTxD.reshape(b, n * cfg.pool, cfg.d_model)
     else:

@@ -31,6 +31,7 @@ from sptlm.errors import UserError
 
 NUM_MELS = 32
 DIM = 96  # embedding width
+DIMS = {"embedding": DIM, "pool4": 4 * DIM}  # per token, by the layer `embed` stops at
 WINDOW = 76  # mel frames one embedding reads
 STRIDE = 8  # mel frames per embedding (80 ms)
 PAD_FRAMES = (WINDOW - STRIDE) // 2  # 34 frames each side: window centred on its token
@@ -136,8 +137,12 @@ def _pads(attrs: dict, key: str = "pads") -> list[tuple[int, int]]:
 SILENCE = FLOOR_DB / 10.0 + 2.0  # what a frame of digital silence reads
 
 
-def embed(mel_BxFx32: jax.Array, valid_BxF: jax.Array | None = None) -> jax.Array:
-  """[B, 8N, 32] (this module's log_mel) -> [B, N, 96]: token i from the 760 ms around it.
+def embed(mel_BxFx32: jax.Array, valid_BxF: jax.Array | None = None,
+          layer: str = "embedding") -> jax.Array:
+  """[B, 8N, 32] (this module's log_mel) -> [B, N, DIMS[layer]]: token i from the 760 ms
+  around it. layer="embedding" is the model's output; "pool4" stops after the fourth max-pool
+  (96 channels x 2 mel bands at 25 Hz) and gives each token its two central frames: finer
+  in time and less abstract, nearly as engine-independent (benchmarks/feature_invariance.py).
   Frames outside the input or not valid (batch padding) read as silence, so a clip's tokens
   do not depend on what it was batched with."""
   x = mel_BxFx32.astype(jnp.float32)
@@ -146,6 +151,9 @@ def embed(mel_BxFx32: jax.Array, valid_BxF: jax.Array | None = None) -> jax.Arra
     x = jnp.where(valid_BxF[..., None], x, silence)
   x = jnp.pad(x, ((0, 0), (PAD_FRAMES, PAD_FRAMES), (0, 0)), constant_values=silence)
   x = jnp.pad(x, ((0, 0), (0, 0), (1, 1)))[:, None]  # the graph's zero frequency padding: NCHW
+  if layer not in DIMS:
+    raise ValueError(f"speech_embedding layer {layer!r} is not one of {', '.join(DIMS)}")
+  pools = 0
   for op, arrays, attrs in _layers():
     attrs = dict(attrs)
     if op == "Conv":
@@ -169,4 +177,10 @@ def embed(mel_BxFx32: jax.Array, valid_BxF: jax.Array | None = None) -> jax.Arra
       sh, sw = attrs["strides"]
       x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, kh, kw), (1, 1, sh, sw),
                                 "VALID")
+      pools += 1
+      if layer == "pool4" and pools == 4:  # [B, 96, 2N + 8, 2]: token i reads 2i+4, 2i+5
+        b, c, t, f = x.shape
+        n = (t - 8) // 2
+        x = jnp.transpose(x[:, :, 4:4 + 2 * n], (0, 2, 1, 3))  # [B, 2N, 96, 2]
+        return x.reshape(b, n, 2 * c * f)
   return jnp.transpose(x[:, :, :, 0], (0, 2, 1))  # [B, 96, N, 1] -> [B, N, 96]
