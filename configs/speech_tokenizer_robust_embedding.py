@@ -4,7 +4,7 @@ speech turns 32-bin log-mel into 96-d features at 12.5 Hz; a layer norm and one 
 50 Hz phase replace Whisper's conv stem, and the layers, quantizer and CTC head are the tiny
 model's. Needs openwakeword==0.4.0 and onnx (the speech-embedding extra), whose wheel carries
 the weights. Measured (BENCHMARKS.md, runs 10-11): held-out engines at 1.0-1.4x the training
-engines' CER (2.4-2.8x with Whisper's mel) but every engine at 29-55% CER; with
+engines' CER (2.2-2.6x with Whisper's mel) but every engine at 29-55% CER; with
 --config.model.frontend=speech_embedding_pool4 (the finer layer) the better of the two.
 
   sptlm tokenizer train --config configs/speech_tokenizer_robust_embedding.py \\
