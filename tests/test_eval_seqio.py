@@ -117,10 +117,15 @@ def lm():
 def _evaluate(lm, name: str, **score_kwargs) -> dict[str, float]:
   import seqio
   evaluator = seqio.Evaluator(name, seqio_tasks.feature_converter(), "validation")
-  metrics, _ = evaluator.evaluate(compute_metrics=True,
-                                  score_fn=seqio_tasks.score_fn(lm, **score_kwargs),
-                                  predict_fn=seqio_tasks.predict_fn(lm))
-  return metrics.result()[name]
+  try:
+    metrics, _ = evaluator.evaluate(compute_metrics=True,
+                                    score_fn=seqio_tasks.score_fn(lm, **score_kwargs),
+                                    predict_fn=seqio_tasks.predict_fn(lm))
+    return metrics.result()[name]
+  finally:
+    # shut its thread pool down here: left to __del__, garbage collection can run it inside a
+    # thread another test is starting (grain's prefetch) and deadlock that test (seen in CI)
+    evaluator.close()
 
 
 def _stories(path: pathlib.Path) -> pathlib.Path:
