@@ -4,7 +4,8 @@ For N sentences that every engine of a multi-engine corpus says (its `test` and 
 splits), each pair of engines: for every sentence of engine A, the sentence of engine B at the
 smallest DTW distance (cosine, length-normalized) over the features at 12.5 Hz; the share of
 sentences that find themselves. Whisper's log-mel (each bin minus its clip mean, averaged to
-80 ms) against model.frontend="speech_embedding"'s 96-d vectors. A feature in which the same
+80 ms) against model.frontend="speech_embedding"'s 96-d vectors and "moonshine_tiny"'s 288-d
+encoder output (averaged to 80 ms). A feature in which the same
 words said by two engines are closer than different words said by one is what a tokenizer
 trained on some engines needs to hold on the others (issue 16).
 
@@ -20,7 +21,7 @@ import time
 import jax
 import numpy as np
 
-from sptlm.speech import audio, features, speech_embedding
+from sptlm.speech import audio, features, moonshine, speech_embedding
 
 
 def mel_at_token_rate(x: np.ndarray) -> np.ndarray:
@@ -36,6 +37,12 @@ _embed = jax.jit(speech_embedding.embed)
 def embedding(x: np.ndarray) -> np.ndarray:
   n = len(x) // features.SAMPLES_PER_TOKEN * features.SAMPLES_PER_TOKEN
   return np.asarray(_embed(speech_embedding.log_mel(x[:n])[None]))[0]
+
+
+def moonshine_tiny(x: np.ndarray) -> np.ndarray:
+  m = moonshine.features(x)
+  n = len(m) // features.FRAMES_PER_TOKEN * features.FRAMES_PER_TOKEN
+  return m[:n].reshape(-1, features.FRAMES_PER_TOKEN, m.shape[1]).mean(1)
 
 
 def dtw(a: np.ndarray, b: np.ndarray) -> float:
@@ -65,7 +72,8 @@ def main() -> None:
   common = sorted(set.intersection(*(set(v) for v in by_engine.values())))[:args.sentences]
   engines = sorted(by_engine)
   print(f"{len(common)} sentences said by each of {', '.join(engines)}")
-  kinds = {"log-mel (clip-mean removed)": mel_at_token_rate, "speech_embedding": embedding}
+  kinds = {"log-mel (clip-mean removed)": mel_at_token_rate, "speech_embedding": embedding,
+           "moonshine_tiny": moonshine_tiny}
   start = time.time()
   feats = {(e, k): [f(audio.read(root / by_engine[e][t]["audio"]).samples) for t in common]
            for e in engines for k, f in kinds.items()}

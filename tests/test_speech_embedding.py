@@ -139,25 +139,41 @@ def test_encoder_layout_reach_and_chunked_tokens(units, frontend, dim):
   assert len(codes[1]) == 40
 
 
-def test_train_steps_learn_and_leave_the_frozen_cnn_out_of_the_state():
-  from sptlm import sharding
+def tiny_batch(cfg: config_lib.SpeechTokenizerConfig) -> dict[str, np.ndarray]:
+  """Four clips of 10-31 tokens with random labels, in cfg's front end's features."""
   rng = np.random.default_rng(0)
   audios = [_speechlike(rng.integers(10, 32) * 0.08, s) for s in range(4)]
   labels = [rng.integers(1, 30, rng.integers(3, 8)).astype(np.int32) for _ in range(4)]
-  cfg = small_config("--config.train.steps=8", "--config.train.warmup_steps=1")
-  batch = input_lib.make_batch(audios, labels, 32, 32, 32 * cfg.model.ctc_upsample,
-                               frontend="speech_embedding")
-  assert batch["mel"].shape == (4, 256, 32)
+  m = cfg.model
+  batch = input_lib.make_batch(audios, labels, 32, m.num_mels, 32 * m.ctc_upsample,
+                               frontend=m.frontend)
+  batch["audios"] = audios
+  return batch
+
+
+def train_steps(cfg: config_lib.SpeechTokenizerConfig, batch: dict[str, np.ndarray]
+                ) -> list[float]:
+  """Six steps on one batch: their CTC losses; the frozen front end has no parameters."""
+  from sptlm import sharding
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   prog = program.build(cfg, mesh, cfg.asr.units)
   state = prog.init()
   names = {"/".join(map(str, path)) for path, _ in
            jax.tree_util.tree_flatten_with_path(state["params"])[0]}
   assert any("embed_proj" in k for k in names) and not any("conv1" in k for k in names)
+  batch = {k: v for k, v in batch.items() if k != "audios"}
   losses = []
   for _ in range(6):
     state, metrics = prog.step(state, prog.global_batch(batch))
     losses.append(float(jax.device_get(metrics)["loss_ctc"]))
+  return losses
+
+
+def test_train_steps_learn_and_leave_the_frozen_cnn_out_of_the_state():
+  cfg = small_config("--config.train.steps=8", "--config.train.warmup_steps=1")
+  batch = tiny_batch(cfg)
+  assert batch["mel"].shape == (4, 256, 32)
+  losses = train_steps(cfg, batch)
   assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
 
 

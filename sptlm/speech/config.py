@@ -15,14 +15,16 @@ import ml_collections
 from sptlm import config as config_lib
 from sptlm.config import (ConfigError, MeshConfig, TrainConfig, check_at_least, check_choice,
                           check_positive, validate_mesh, validate_train)
+from sptlm.speech import augment as augment_lib
 from sptlm.speech.augment import NOISE_COLORS, AugmentConfig
 
 KIND = "speech_tokenizer"  # the `kind` key of every speech tokenizer config file
 POSITIONS = ("sinusoid", "rope")  # model.positions (sptlm.speech.model)
 # model.frontend: Whisper's 128-bin log-mel into a trained conv stem, or Google's frozen
 # speech_embedding (sptlm.speech.speech_embedding; 32 bins) pre-trained on real speech, its
-# output or (speech_embedding_pool4) a finer, less abstract layer of it
-FRONTENDS = ("whisper_mel", "speech_embedding", "speech_embedding_pool4")
+# output or (speech_embedding_pool4) a finer, less abstract layer of it, or the frozen encoder
+# of Moonshine tiny, an ASR model trained on real speech (sptlm.speech.moonshine; 288-d)
+FRONTENDS = ("whisper_mel", "speech_embedding", "speech_embedding_pool4", "moonshine_tiny")
 UNIT_TYPES = ("char", "unigram")  # asr.unit_type: SentencePiece model types (sptlm.speech.units)
 
 
@@ -62,7 +64,8 @@ class EncoderConfig:
   mel_norm_seconds: float = 0.0
   # what turns audio into the encoder's 50 Hz input (FRONTENDS): "whisper_mel" (log-mel ->
   # conv1 -> conv2) or "speech_embedding" (32-bin log-mel -> a frozen CNN pre-trained on real
-  # speech, 96-d at 12.5 Hz -> layer norm -> one linear map per 50 Hz phase)
+  # speech, 96-d at 12.5 Hz -> layer norm -> one linear map per 50 Hz phase) or
+  # "moonshine_tiny" (Moonshine's frozen ASR encoder, 288-d -> 50 Hz -> layer norm -> linear)
   frontend: str = "whisper_mel"
 
 
@@ -230,6 +233,14 @@ def validate(c: SpeechTokenizerConfig) -> None:
       raise ConfigError(f"model.frontend={m.frontend!r} sees 380 ms ahead and normalizes "
                         "nothing: set model.mel_norm_seconds=0, model.causal_stem=False and "
                         "model.block_causal_seconds=0")
+  if m.frontend == "moonshine_tiny":
+    if m.num_mels != 288:
+      raise ConfigError(f"model.num_mels={m.num_mels}: model.frontend='moonshine_tiny' gives "
+                        "288-d features; set model.num_mels=288")
+    if m.mel_norm_seconds or m.causal_stem or m.block_causal_seconds:
+      raise ConfigError("model.frontend='moonshine_tiny' encodes 5.12 s blocks with 1.28 s "
+                        "of context and has no mel: set model.mel_norm_seconds=0, "
+                        "model.causal_stem=False and model.block_causal_seconds=0")
   if m.conv_kernel < 0 or (m.conv_kernel and m.conv_kernel % 2 == 0):
     raise ConfigError(f"model.conv_kernel={m.conv_kernel} must be 0 (off) or odd")
   if not 0 <= m.token_rate_layers <= m.layers_after_vq:
@@ -265,6 +276,11 @@ def validate(c: SpeechTokenizerConfig) -> None:
   check_at_least("data.eval_every", d.eval_every, 1)
   check_at_least("data.eval_utterances", d.eval_utterances, 0, " (0: all)")
   validate_augment(d.augment)
+  if c.model.frontend != "whisper_mel" and augment_lib.features_enabled(d.augment):
+    raise ConfigError(f"data.augment's feature effects (warp, eq, frequency and time masks) "
+                      f"act on Whisper's 128-bin log-mel, not model.frontend="
+                      f"{c.model.frontend!r}'s features: set data.augment.warp_prob=0, "
+                      "eq_prob=0, freq_masks=0 and time_masks=0")
   if t.microbatches != 1:
     raise ConfigError(f"train.microbatches={t.microbatches}: the speech tokenizer batches by "
                       "length buckets; lower data.batch_seconds instead")

@@ -95,8 +95,13 @@ def log_mel(audio_BxS: np.ndarray, num_mels: int = 128) -> np.ndarray:
   return out[0] if single else out
 
 
-def featurize(audio_BxS: np.ndarray, num_mels: int, frontend: str = "whisper_mel") -> np.ndarray:
-  """The model's input features (model.frontend): [B, S // 160, num_mels] either way."""
+def featurize(audio_BxS: np.ndarray, num_mels: int, frontend: str = "whisper_mel",
+              lengths_B: np.ndarray | None = None) -> np.ndarray:
+  """The model's input features (model.frontend): [B, S // 160, num_mels] each way.
+  `lengths_B`: where each row's audio ends (the Moonshine encoder must not see the padding)."""
+  if frontend == "moonshine_tiny":
+    from sptlm.speech import moonshine  # pylint: disable=import-outside-toplevel
+    return moonshine.features(audio_BxS, lengths_B)
   if frontend.startswith("speech_embedding"):
     from sptlm.speech import speech_embedding  # pylint: disable=import-outside-toplevel
     return speech_embedding.log_mel(audio_BxS)

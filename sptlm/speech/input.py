@@ -196,7 +196,8 @@ def make_batch(audios: Sequence[np.ndarray], labels: Sequence[np.ndarray], n: in
     valid[r, :num_tokens(len(x))] = 1
     lab[r, :len(y)] = y
     lab_pad[r, :len(y)] = 0.0
-  mel = features.featurize(samples, num_mels, frontend)
+  lengths = [min(len(x), n * features.SAMPLES_PER_TOKEN) for x in audios]
+  mel = features.featurize(samples, num_mels, frontend, np.asarray(lengths))
   mel *= np.repeat(valid, features.FRAMES_PER_TOKEN, axis=1)[:, :, None]
   return {"mel": mel, "valid": valid, "labels": lab, "label_paddings": lab_pad,
           "engine": engine}

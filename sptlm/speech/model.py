@@ -4,7 +4,9 @@
     [-> minus each bin's sliding mean (model.mel_norm_seconds)]
     -> conv1 (k3) + GELU -> conv2 (k3, stride 2) + GELU [-> + sinusoids]   [B, 4N, D] (50 Hz)
     (model.frontend="speech_embedding" instead: 32-bin log-mel -> frozen speech_embedding CNN
-     [B, N, 96] -> layer norm -> one linear map per 50 Hz phase                [B, 4N, D])
+     [B, N, 96] -> layer norm -> one linear map per 50 Hz phase                [B, 4N, D];
+     "moonshine_tiny": Moonshine's frozen ASR encoder [B, 8N, 288] (computed in the input
+     pipeline) -> mean of frame pairs -> layer norm -> linear                   [B, 4N, D])
     -> layers_before_vq (pre-LN transformer layers; positions=rope: rotary q, k instead)
     -> average pooling x4                                                     [B, N, D] (12.5 Hz)
     -> vector quantizer (EMA codebook)           => the tokens: codes [B, N] in [0, K)
@@ -44,7 +46,7 @@ from flax import nnx
 
 from sptlm import sharding
 from sptlm.model import attention, nnx_compat, rotary
-from sptlm.speech import speech_embedding
+from sptlm.speech import moonshine, speech_embedding
 from sptlm.speech.config import EncoderConfig
 from sptlm.speech.vq import VectorQuantizer
 
@@ -237,7 +239,8 @@ def receptive_seconds(cfg: EncoderConfig) -> float:
   if not cfg.attention_window_seconds and cfg.layers_before_vq:
     return float("inf")
   conv = 0.02 * (cfg.conv_kernel // 2)  # each layer's depthwise convolution reaches this far
-  stem = speech_embedding.RECEPTIVE_SECONDS if _embedding_layer(cfg) else 0.03
+  stem = (moonshine.RECEPTIVE_SECONDS if cfg.frontend == "moonshine_tiny" else
+          speech_embedding.RECEPTIVE_SECONDS if _embedding_layer(cfg) else 0.03)
   return (cfg.layers_before_vq * (cfg.attention_window_seconds + conv) + stem + 0.02 * cfg.pool
           + cfg.mel_norm_seconds / 2)
 
@@ -288,6 +291,10 @@ class SpeechTokenizerModel(nnx.Module):
       self.embed_layer_norm = LayerNorm(dim, cfg, rngs=rngs)
       self.embed_proj = Linear(dim, (cfg.pool, d), (None, None, "embed"), cfg, bias=True,
                                rngs=rngs)
+    elif cfg.frontend == "moonshine_tiny":  # frozen encoder's features (input) -> LN -> linear
+      self.conv1 = self.conv2 = None
+      self.embed_layer_norm = LayerNorm(moonshine.DIM, cfg, rngs=rngs)
+      self.embed_proj = Linear(moonshine.DIM, (d,), (None, "embed"), cfg, bias=True, rngs=rngs)
     else:
       self.conv1 = Conv1d(cfg.num_mels, d, 1, cfg, rngs=rngs)
       self.conv2 = Conv1d(d, d, 2, cfg, rngs=rngs)
@@ -342,7 +349,10 @@ class SpeechTokenizerModel(nnx.Module):
     if cfg.mel_norm_seconds:
       half = round(cfg.mel_norm_seconds * 50)  # 100 Hz frames each way
       mel_BxFxM = normalize_mel(mel_BxFxM, jnp.repeat(valid_BxN, FRAMES_PER_TOKEN, axis=1), half)
-    if self.embed_proj is not None:  # [B, N, 96] -> [B, N, pool, D] -> [B, 4N, D]
+    if cfg.frontend == "moonshine_tiny":  # [B, 8N, 288] at 100 Hz -> [B, 4N, D] at 50 Hz
+      f_BxTx2xE = mel_BxFxM.reshape(b, -1, 2, moonshine.DIM).astype(jnp.float32)
+      x_BxTxD = self.embed_proj(self.embed_layer_norm(f_BxTx2xE.mean(axis=2).astype(dt)))
+    elif self.embed_proj is not None:  # [B, N, 96] -> [B, N, pool, D] -> [B, 4N, D]
       valid_BxF = jnp.repeat(valid_BxN, FRAMES_PER_TOKEN, axis=1)
       e_BxNxE = jax.lax.stop_gradient(
           speech_embedding.embed(mel_BxFxM, valid_BxF, _embedding_layer(cfg)))

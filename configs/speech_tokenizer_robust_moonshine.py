@@ -1,0 +1,26 @@
+"""speech_tokenizer_robust.py on the frozen encoder of Moonshine tiny, an ASR model trained on
+real speech (model.frontend='moonshine_tiny'; sptlm.speech.moonshine): its 288-d output, taken
+to 50 Hz, goes through a layer norm and a linear map into the tiny model's layers, quantizer
+and CTC head, which alone are trained. Needs moonshine-voice==0.0.73 (whose wheel carries the
+weights) and onnxruntime: the moonshine extra. See BENCHMARKS.md for what it reaches
+on engines it never heard.
+
+  sptlm tokenizer train --config configs/speech_tokenizer_robust_moonshine.py \\
+      --workdir runs/speech_robust_moonshine \\
+      "--config.asr.lm_text=('runs/lm_text/shakespeare','runs/lm_text/wordnet')"
+  sptlm tokenizer evaluate --workdir runs/speech_robust_moonshine \\
+      --corpus runs/speech_corpus_engines
+"""
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import speech_tokenizer_robust  # noqa: E402
+
+
+def get_config():
+  c = speech_tokenizer_robust.get_config()
+  c.name = "speech_tokenizer_robust_moonshine"
+  c.model.frontend = "moonshine_tiny"
+  c.model.num_mels = 288
+  return c

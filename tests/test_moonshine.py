@@ -1,0 +1,138 @@
+"""model.frontend='moonshine_tiny': Moonshine tiny's frozen ASR encoder (the ONNX Runtime file
+in moonshine-voice 0.0.73's wheel) in blocks, resampled to the 100 Hz frame grid."""
+
+import importlib.util
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sptlm.speech import config as config_lib
+from sptlm.speech import moonshine, program, tokenizer
+
+import test_speech_model  # noqa: E402  (tests/ is on sys.path)
+from test_speech_embedding import _speechlike, tiny_batch, train_steps  # noqa: E402
+from test_speech_model import units  # noqa: F401,E402  (the module's fixture)
+
+pytest.importorskip("onnxruntime")
+CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / \
+    "speech_tokenizer_robust_moonshine.py"
+EXTRA = ["--config.model.layers_before_vq=2", "--config.model.conv_kernel=3",
+         "--config.model.attention_window_seconds=0.2", "--config.model.init_std=0.2"]
+BLOCK = moonshine.BLOCK_TOKENS * 1280
+CONTEXT = moonshine.CONTEXT_TOKENS * 1280
+
+
+def small_config(*extra: str) -> config_lib.SpeechTokenizerConfig:
+  return config_lib.load(CONFIG, [*test_speech_model.SMALL, *EXTRA, *extra])
+
+
+def test_a_block_of_features_is_the_encoder_output_resampled_to_100_hz():
+  x = _speechlike(3.2, 0)
+  feats = moonshine.features(x)
+  assert feats.shape == (320, moonshine.DIM) and feats.dtype == np.float32
+  enc = moonshine.encode_blocks(x[None])[0]  # one block: the whole clip, no context
+  assert enc.shape == (moonshine.encoder_frames(len(x)), moonshine.DIM)
+  # frame f (centre 160 f + 80) lies between encoder frames j and j + 1 (centres 384 j + 447.5)
+  for f in (10, 100, 250):
+    j = (160 * f + 80 - moonshine.CENTRE) / 384
+    lo = math.floor(j)
+    np.testing.assert_allclose(feats[f], enc[lo] + (j - lo) * (enc[lo + 1] - enc[lo]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_clip_is_the_same_alone_and_in_a_padded_batch():
+  short, long = _speechlike(2.0, 2), _speechlike(7.0, 3)
+  batch = np.zeros((2, 7 * 16_000), np.float32)
+  batch[0, :len(short)], batch[1] = short, long
+  feats = moonshine.features(batch, np.array([len(short), len(long)]))
+  whole_tokens = -(-len(short) // 1280) * 1280
+  alone = moonshine.features(np.pad(short, (0, whole_tokens - len(short))))
+  np.testing.assert_array_equal(feats[0, :len(alone)], alone)
+  assert not feats[0, len(alone):].any()  # the padding past the clip's last token stays 0
+  np.testing.assert_array_equal(feats[1], moonshine.features(long))
+
+
+def test_blocks_bound_how_far_a_token_reads():
+  x = _speechlike(14.0, 4)
+  base = moonshine.features(x)
+  far = x.copy()
+  far[BLOCK + CONTEXT:] = _speechlike(14.0, 5)[BLOCK + CONTEXT:]
+  changed = moonshine.features(far)
+  np.testing.assert_array_equal(changed[:BLOCK // 160], base[:BLOCK // 160])
+  assert np.abs(changed[BLOCK // 160:] - base[BLOCK // 160:]).max() > 0.1
+  near = x.copy()  # inside block 0's right context: block 0 reads it
+  near[BLOCK + CONTEXT - 1280:BLOCK + CONTEXT] = 0.0
+  assert np.abs(moonshine.features(near)[:BLOCK // 160] - base[:BLOCK // 160]).max() > 1e-4
+  early = x.copy()  # before block 1's left context: block 1 never reads it
+  early[:BLOCK - CONTEXT] = 0.0
+  np.testing.assert_array_equal(moonshine.features(early)[BLOCK // 160:], base[BLOCK // 160:])
+
+
+def test_encoder_layout_reach_and_chunked_tokens(units):
+  """No conv stem: a layer norm and one linear map on the 50 Hz frozen features; a token
+  reaches a block and its context further; windows give the whole file's tokens; batching
+  with a longer clip changes nothing."""
+  cfg = small_config()
+  model = program.make_model(cfg, cfg.asr.units)
+  assert model.conv1 is None and model.conv2 is None
+  assert model.embed_proj.kernel.value.shape == (moonshine.DIM, cfg.model.d_model)
+  assert model.receptive_seconds == pytest.approx(2 * (0.2 + 0.02) + 6.4 + 0.08)
+
+  audio = _speechlike(9.6, 6)
+  feats = moonshine.features(audio)
+  n = len(feats) // 8
+  h = model.encode(jnp.asarray(feats[None]), jnp.ones((1, n), bool)).h_BxNxD
+  proj = jnp.asarray(np.random.default_rng(3).normal(size=(cfg.model.d_model, 16)), jnp.float32)
+  center = h[0].mean(0)
+
+  @jax.jit
+  def tokens(mel_BxFxM, valid_BxN):  # the encoder, quantized to 16 random directions
+    return jnp.argmax((model.encode(mel_BxFxM, valid_BxN > 0).h_BxNxD - center) @ proj, -1)
+
+  whole = np.asarray(tokens(feats[None], np.ones((1, n), np.int32)))[0]
+  assert len(set(whole.tolist())) > 5
+  chunked = tokenizer.run_windows(tokenizer.plan_windows(n, 40, 8), [feats], 8, tokens,
+                                  batch=4, max_window=40)[0]
+  np.testing.assert_array_equal(chunked, whole)
+
+  _, params, vq_state = program.split(program.make_model(cfg, cfg.asr.units))
+  tok = tokenizer.SpeechTokenizer(cfg, units, params, vq_state)
+  x = audio[:20 * 1280]
+  codes = tok.encode([x, np.tile(x, 2)])
+  np.testing.assert_array_equal(codes[0], tok.encode([x])[0])
+  assert len(codes[1]) == 40
+
+
+def test_train_steps_learn_and_leave_the_frozen_encoder_out_of_the_state():
+  cfg = small_config("--config.train.steps=8", "--config.train.warmup_steps=1")
+  batch = tiny_batch(cfg)
+  assert batch["mel"].shape == (4, 256, moonshine.DIM)
+  x = batch["audios"][0]
+  first = np.pad(x, (0, -len(x) % 1280))  # whole tokens, as the tokenizer pads
+  np.testing.assert_array_equal(batch["mel"][0, :len(first) // 160], moonshine.features(first))
+  losses = train_steps(cfg, batch)
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["--config.model.num_mels=128"], "num_mels=288"),
+    (["--config.model.mel_norm_seconds=1.0"], "mel_norm_seconds=0"),
+    (["--config.data.augment.warp_prob=0.5"], "warp_prob=0"),
+    (["--config.data.augment.eq_prob=0.5"], "eq_prob=0"),
+])
+def test_config_errors(overrides, match):
+  with pytest.raises(config_lib.ConfigError, match=match):
+    small_config(*overrides)
+
+
+def test_missing_moonshine_voice_is_a_one_line_error(monkeypatch):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "moonshine_voice" else real(name, *a))
+  with pytest.raises(moonshine.MissingWeights, match="moonshine-voice==0.0.73") as e:
+    moonshine.model_file()
+  assert "\n" not in str(e.value)
