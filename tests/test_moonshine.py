@@ -121,8 +121,9 @@ def test_train_steps_learn_and_leave_the_frozen_encoder_out_of_the_state():
 @pytest.mark.parametrize("overrides, match", [
     (["--config.model.num_mels=128"], "num_mels=288"),
     (["--config.model.mel_norm_seconds=1.0"], "mel_norm_seconds=0"),
-    (["--config.data.augment.warp_prob=0.5"], "warp_prob=0"),
-    (["--config.data.augment.eq_prob=0.5"], "eq_prob=0"),
+    (["--config.data.augment.enabled=True", "--config.data.augment.warp_prob=0.5"],
+     "warp_prob=0"),
+    (["--config.data.augment.enabled=True", "--config.data.augment.eq_prob=0.5"], "eq_prob=0"),
 ])
 def test_config_errors(overrides, match):
   with pytest.raises(config_lib.ConfigError, match=match):
