@@ -119,9 +119,12 @@ class SpeechDataConfig:
   short_first: bool  # first epoch from the shortest bucket up (SortaGrad), then shuffled
   eval_every: int
   eval_utterances: int  # per eval split (0: all)
-  cache_dir: str  # mel feature cache ("" : next to the corpus, else in the work directory)
+  cache_dir: str  # TFDS exports and the feature cache ("": WORKDIR/cache)
   tune_split: str = ""  # at the end of training, choose lm_alpha / lm_beta on it ("": keep)
   augment: AugmentConfig = AugmentConfig()  # training audio only (sptlm.speech.augment); off
+  # keep a slow front end's features (moonshine_tiny) per clip under cache_dir/features when
+  # augmentation is off (sptlm.speech.feature_cache)
+  cache_features: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,8 @@ in which order, reshuffled every epoch) is fixed by the seed, and the grain iter
 in it is saved with every checkpoint: a resumed run sees exactly the batches it would have.
 With data.augment enabled, training audio goes through sptlm.speech.augment first, with a
 generator keyed by (seed, batch index, utterance): resumed runs see the same audio too. Only
-`train_iterator` augments; evaluation reads its audio unchanged.
+`train_iterator` augments; evaluation reads its audio unchanged. Without augmentation, a slow
+front end's features can be kept per clip on disk (sptlm.speech.feature_cache).
 
 Batch fields ([B, ...] numpy arrays, this process's rows only):
   mel [B, 8N, M] float32 (zero past the audio), valid [B, N] int32 (1 inside the audio),
@@ -31,6 +32,7 @@ from sptlm.speech import features, voice_change
 from sptlm.speech.augment import AugmentConfig
 from sptlm.speech.corpus import ManifestSource, Utterance
 from sptlm.speech.engines import ADVERSARY_ENGINES
+from sptlm.speech.feature_cache import FeatureCache
 from sptlm.speech.units import Units, ctc_frames_needed
 
 log = logging.getLogger(__name__)
@@ -131,18 +133,23 @@ class _Loader:
 
   def __init__(self, source: ManifestSource, data: Prepared, shapes: list[tuple[int, int]],
                num_mels: int, ctc_upsample: int, process_index: int, process_count: int,
-               frontend: str = "whisper_mel"):
+               frontend: str = "whisper_mel", cache: FeatureCache | None = None):
     self.source, self.data, self.shapes = source, data, shapes
     self.num_mels, self.up, self.frontend = num_mels, ctc_upsample, frontend
     self.pi, self.pc = process_index, process_count
+    self.cache = cache
 
   def __call__(self, entry: tuple[int, tuple[int, ...]]) -> dict[str, np.ndarray]:
     bucket, members = entry
     b, n = self.shapes[bucket]
     rows = members[self.pi * b // self.pc:(self.pi + 1) * b // self.pc]
-    return make_batch([self.source.load(self.data.utts[i]) for i in rows],
-                      [self.data.labels[i] for i in rows], n, self.num_mels, n * self.up,
-                      [engine_class(self.data.utts[i].engine) for i in rows], self.frontend)
+    utts = [self.data.utts[i] for i in rows]
+    audios = [self.source.load(u) for u in utts]
+    feats = None if self.cache is None else [
+        self.cache.get(self.source.path(u), x) for u, x in zip(utts, audios)]
+    return make_batch(audios, [self.data.labels[i] for i in rows], n, self.num_mels,
+                      n * self.up, [engine_class(u.engine) for u in utts], self.frontend,
+                      feats)
 
 
 class _AugmentingLoader:
@@ -182,8 +189,10 @@ class _AugmentingLoader:
 def make_batch(audios: Sequence[np.ndarray], labels: Sequence[np.ndarray], n: int,
                num_mels: int, label_len: int,
                engines: Sequence[int] | None = None,
-               frontend: str = "whisper_mel") -> dict[str, np.ndarray]:
-  """Pads audio to N tokens each and featurizes in one batched call."""
+               frontend: str = "whisper_mel",
+               feats: Sequence[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+  """Pads audio to N tokens each and featurizes in one batched call (or takes each clip's
+  features from `feats`, as FeatureCache.get gives them)."""
   b = len(audios)
   engine = np.full((b,), -1, np.int32) if engines is None else np.asarray(engines, np.int32)
   samples = np.zeros((b, n * features.SAMPLES_PER_TOKEN), np.float32)
@@ -197,7 +206,12 @@ def make_batch(audios: Sequence[np.ndarray], labels: Sequence[np.ndarray], n: in
     lab[r, :len(y)] = y
     lab_pad[r, :len(y)] = 0.0
   lengths = [min(len(x), n * features.SAMPLES_PER_TOKEN) for x in audios]
-  mel = features.featurize(samples, num_mels, frontend, np.asarray(lengths))
+  if feats is None:
+    mel = features.featurize(samples, num_mels, frontend, np.asarray(lengths))
+  else:
+    mel = np.zeros((b, n * features.FRAMES_PER_TOKEN, num_mels), np.float32)
+    for r, f in enumerate(feats):
+      mel[r, :len(f)] = f[:n * features.FRAMES_PER_TOKEN]
   mel *= np.repeat(valid, features.FRAMES_PER_TOKEN, axis=1)[:, :, None]
   return {"mel": mel, "valid": valid, "labels": lab, "label_paddings": lab_pad,
           "engine": engine}
@@ -208,9 +222,13 @@ def train_iterator(source: ManifestSource, data: Prepared, shapes: list[tuple[in
                    short_first: bool = False, process_index: int = 0,
                    process_count: int = 1,
                    augment: AugmentConfig = AugmentConfig(),
-                   frontend: str = "whisper_mel") -> grain.DatasetIterator:
+                   frontend: str = "whisper_mel",
+                   cache: FeatureCache | None = None) -> grain.DatasetIterator:
   """A checkpointable iterator over `steps` (or more) batches; `augment` (data.augment, the
-  training split only) is off by default."""
+  training split only) is off by default; `cache` keeps each clip's features (only without
+  augmentation: augmented audio differs every time)."""
+  if cache is not None and augment.enabled:
+    raise ValueError("a feature cache needs the same audio every epoch: data.augment is on")
   per_epoch = len(plan_batches(data.tokens, shapes, seed=seed, epochs=1))
   if per_epoch == 0:
     raise InputError(f"{len(data.utts)} utterances do not fill one batch of any bucket; lower "
@@ -218,7 +236,7 @@ def train_iterator(source: ManifestSource, data: Prepared, shapes: list[tuple[in
   plan = plan_batches(data.tokens, shapes, seed=seed, epochs=math.ceil(steps / per_epoch) + 1,
                       short_first=short_first)
   loader = _Loader(source, data, shapes, num_mels, ctc_upsample, process_index, process_count,
-                   frontend)
+                   frontend, cache)
   if augment.enabled:
     ds = grain.MapDataset.source(plan).map_with_index(_AugmentingLoader(loader, augment, seed))
   else:

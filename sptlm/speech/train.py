@@ -34,6 +34,7 @@ from sptlm.paths import local_copy
 from sptlm.speech import config as config_lib
 from sptlm.speech import corpus as corpus_lib
 from sptlm.speech import ctc_decode
+from sptlm.speech import feature_cache
 from sptlm.speech import input as input_lib
 from sptlm.speech import lm_text as lm_text_lib
 from sptlm.speech import program as program_lib
@@ -241,11 +242,23 @@ def train(cfg: SpeechTokenizerConfig, workdir: str) -> dict[str, Any]:
                                    math.lcm(data_parallel, jax.process_count()))
   data = input_lib.prepare(source, dcfg.train_split, units, max(n for _, n in shapes),
                            cfg.model.ctc_upsample)
+  feats = None
+  if (dcfg.cache_features and not dcfg.augment.enabled
+      and cfg.model.frontend in feature_cache.SLOW_FRONTENDS and "://" in str(cache)):
+    log.info("feature cache off: %s is not a local directory (set data.cache_dir to one)",
+             cache)
+  elif (dcfg.cache_features and not dcfg.augment.enabled
+        and cfg.model.frontend in feature_cache.SLOW_FRONTENDS):
+    feats = feature_cache.FeatureCache(pathlib.Path(str(cache)) / "features",
+                                       cfg.model.frontend, cfg.model.num_mels)
+    log.info("feature cache: %s (up to %.1f GB for the %.2f h of %s)", feats.directory,
+             data.hours * 3600 * feature_cache.bytes_per_second(cfg.model.num_mels) / 1e9,
+             data.hours, dcfg.train_split)
   data_iter = input_lib.train_iterator(
       source, data, shapes, steps=tcfg.steps, seed=tcfg.seed, num_mels=cfg.model.num_mels,
       ctc_upsample=cfg.model.ctc_upsample, short_first=dcfg.short_first,
       augment=dcfg.augment, process_index=jax.process_index(),
-      process_count=jax.process_count(), frontend=cfg.model.frontend)
+      process_count=jax.process_count(), frontend=cfg.model.frontend, cache=feats)
   eval_sets = _eval_sets(cfg, source)
   lm = _language_model(cfg, source, wd)
   tune_utts = []
@@ -307,7 +320,11 @@ def train(cfg: SpeechTokenizerConfig, workdir: str) -> dict[str, Any]:
     return row
 
   periodic = [loop.Periodic(dcfg.eval_every, run_eval)] if eval_sets or tune_utts else []
-  return loop.run(tcfg, workdir, config_json, program=program, state=state,
+  last = loop.run(tcfg, workdir, config_json, program=program, state=state,
                   start_step=start_step, data_iter=data_iter, ckpt=ckpt, stop=stop,
                   counts=lambda m: {"tokens_per_s": m["tokens"]}, report=report,
                   periodic=periodic)
+  if feats is not None:
+    log.info("feature cache: %d clips read back, %d featurized (%d of them over an unreadable "
+             "file)", feats.hits, feats.misses, feats.recomputed)
+  return last

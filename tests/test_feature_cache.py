@@ -1,0 +1,126 @@
+"""data.cache_features: a slow front end's features (moonshine_tiny) kept per clip on disk, and
+the batches read back from it equal to the batches computed directly."""
+
+import json
+import logging
+import pathlib
+
+import numpy as np
+import pytest
+import scipy.io.wavfile
+
+from sptlm.speech import config as config_lib
+from sptlm.speech import input as input_lib
+from sptlm.speech.augment import AugmentConfig
+from sptlm.speech.corpus import ManifestSource
+from sptlm.speech.feature_cache import FeatureCache
+
+from test_speech_embedding import _speechlike  # noqa: E402  (tests/ is on sys.path)
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("moonshine_voice")
+FRONTEND, DIM = "moonshine_tiny", 288
+
+
+def _corpus(root: pathlib.Path, clips: int = 6) -> tuple[ManifestSource, input_lib.Prepared]:
+  rng = np.random.default_rng(0)
+  (root / "wav").mkdir(parents=True)
+  rows = []
+  for k in range(clips):
+    x = _speechlike(float(rng.uniform(0.5, 1.5)), seed=k)
+    scipy.io.wavfile.write(root / "wav" / f"{k}.wav", 16_000, (x * 20_000).astype(np.int16))
+    rows.append({"id": str(k), "audio": f"wav/{k}.wav", "text": "a b", "split": "train"})
+  (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  source = ManifestSource(root)
+  utts = source.utterances("train")
+  tokens = [input_lib.num_tokens(len(source.load(u))) for u in utts]
+  labels = [rng.integers(1, 30, 4).astype(np.int32) for _ in utts]
+  return source, input_lib.Prepared(utts, np.asarray(tokens), labels, 0, 0)
+
+
+def _batches(source, data, cache, steps):
+  shapes = input_lib.bucket_shapes((2.0,), 4.0, 1)  # 2 clips a batch: 3 batches an epoch
+  it = input_lib.train_iterator(source, data, shapes, steps=steps, seed=3, num_mels=DIM,
+                                ctc_upsample=4, frontend=FRONTEND, cache=cache)
+  return [next(it) for _ in range(steps)]
+
+
+def _assert_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_batches_from_the_cache_equal_the_batches_computed_directly(tmp_path):
+  source, data = _corpus(tmp_path / "corpus")
+  direct = _batches(source, data, None, 7)  # a little over two epochs
+  cache = FeatureCache(tmp_path / "features", FRONTEND, DIM)
+  _assert_equal(_batches(source, data, cache, 7), direct)
+  # every clip featurized (two loader threads may both do one at an epoch's edge), then read
+  assert cache.misses >= 6 and cache.hits >= 8 and cache.recomputed == 0
+  assert len(list((tmp_path / "features").rglob("*.npy"))) == 6
+  assert not list((tmp_path / "features").rglob("*.tmp*"))
+  again = FeatureCache(tmp_path / "features", FRONTEND, DIM)  # a resumed run: all read back
+  _assert_equal(_batches(source, data, again, 7), direct)
+  assert again.misses == 0 and again.hits >= 14
+
+
+def test_a_corrupt_or_misshapen_file_is_featurized_again(tmp_path):
+  source, data = _corpus(tmp_path / "corpus")
+  direct = _batches(source, data, None, 3)
+  _batches(source, data, FeatureCache(tmp_path / "features", FRONTEND, DIM), 3)
+  files = sorted((tmp_path / "features").rglob("*.npy"))
+  files[0].write_bytes(files[0].read_bytes()[:100])  # cut short, as by a crash mid-copy
+  np.save(files[1], np.zeros((3, DIM), np.float32))  # a readable array of the wrong shape
+  cache = FeatureCache(tmp_path / "features", FRONTEND, DIM)
+  _assert_equal(_batches(source, data, cache, 3), direct)
+  assert cache.recomputed >= 2 and cache.misses == cache.recomputed and cache.hits >= 4
+  assert np.load(files[0]).shape[1] == DIM  # rewritten whole
+
+
+def test_a_rewritten_audio_file_is_not_served_stale_features(tmp_path):
+  source, data = _corpus(tmp_path / "corpus", clips=1)
+  utt = data.utts[0]
+  cache = FeatureCache(tmp_path / "features", FRONTEND, DIM)
+  before = cache.get(source.path(utt), source.load(utt))
+  y = _speechlike(1.0, seed=99)
+  scipy.io.wavfile.write(source.path(utt), 16_000, (y * 20_000).astype(np.int16))
+  after = cache.get(source.path(utt), source.load(utt))
+  assert cache.misses == 2 and not np.array_equal(before[:len(after)], after)
+
+
+def test_an_unwritable_directory_warns_once_and_still_gives_the_features(tmp_path, caplog):
+  source, data = _corpus(tmp_path / "corpus", clips=2)
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  cache = FeatureCache(blocker / "features", FRONTEND, DIM)
+  good = FeatureCache(tmp_path / "features", FRONTEND, DIM)
+  with caplog.at_level(logging.WARNING):
+    for u in data.utts:
+      np.testing.assert_array_equal(cache.get(source.path(u), source.load(u)),
+                                    good.get(source.path(u), source.load(u)))
+  assert sum("cannot be written" in r.message for r in caplog.records) == 1
+
+
+def test_augmented_audio_is_never_cached(tmp_path):
+  source, data = _corpus(tmp_path / "corpus", clips=2)
+  with pytest.raises(ValueError, match="augment"):
+    input_lib.train_iterator(source, data, input_lib.bucket_shapes((2.0,), 4.0, 1), steps=1,
+                             seed=0, num_mels=DIM, frontend=FRONTEND,
+                             augment=AugmentConfig(enabled=True),
+                             cache=FeatureCache(tmp_path / "f", FRONTEND, DIM))
+
+
+def test_the_switch_defaults_on_and_older_configs_load_with_it():
+  cfg = config_lib.load(pathlib.Path(__file__).resolve().parents[1] / "configs" /
+                        "speech_tokenizer_robust_moonshine.py")
+  assert cfg.data.cache_features
+  raw = json.loads(config_lib.to_json(cfg))
+  del raw["data"]["cache_features"]  # a work directory from before the switch
+  assert config_lib.from_json(json.dumps(raw)).data.cache_features
+  off = config_lib.load(pathlib.Path(__file__).resolve().parents[1] / "configs" /
+                        "speech_tokenizer_robust_moonshine.py",
+                        ["--config.data.cache_features=False"])
+  assert not off.data.cache_features
