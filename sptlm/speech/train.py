@@ -76,6 +76,24 @@ def _units(cfg: SpeechTokenizerConfig, source: corpus_lib.ManifestSource,
   return units
 
 
+def _feature_cache(cfg: SpeechTokenizerConfig, cache: epath.Path, data: input_lib.Prepared
+                   ) -> feature_cache.FeatureCache | None:
+  """data.cache_features: a slow front end's features kept under CACHE/features, when the
+  training audio is the same every epoch (no augmentation) and CACHE is a local directory."""
+  d, m = cfg.data, cfg.model
+  if not d.cache_features or d.augment.enabled or m.frontend not in feature_cache.SLOW_FRONTENDS:
+    return None
+  if "://" in str(cache):
+    log.info("feature cache off: %s is not a local directory (set data.cache_dir to one)", cache)
+    return None
+  feats = feature_cache.FeatureCache(pathlib.Path(str(cache)) / "features", m.frontend,
+                                     m.num_mels)
+  log.info("feature cache: %s (up to %.1f GB for the %.2f h of %s)", feats.directory,
+           data.hours * 3600 * feature_cache.bytes_per_second(m.num_mels) / 1e9, data.hours,
+           d.train_split)
+  return feats
+
+
 def _language_model(cfg: SpeechTokenizerConfig, source: corpus_lib.ManifestSource,
                     wd: epath.Path) -> ctc_decode.NgramLM | None:
   """The transcription LM: WORKDIR/asr_lm.arpa, else trained (once) on the corpus's
@@ -242,18 +260,7 @@ def train(cfg: SpeechTokenizerConfig, workdir: str) -> dict[str, Any]:
                                    math.lcm(data_parallel, jax.process_count()))
   data = input_lib.prepare(source, dcfg.train_split, units, max(n for _, n in shapes),
                            cfg.model.ctc_upsample)
-  feats = None
-  if (dcfg.cache_features and not dcfg.augment.enabled
-      and cfg.model.frontend in feature_cache.SLOW_FRONTENDS and "://" in str(cache)):
-    log.info("feature cache off: %s is not a local directory (set data.cache_dir to one)",
-             cache)
-  elif (dcfg.cache_features and not dcfg.augment.enabled
-        and cfg.model.frontend in feature_cache.SLOW_FRONTENDS):
-    feats = feature_cache.FeatureCache(pathlib.Path(str(cache)) / "features",
-                                       cfg.model.frontend, cfg.model.num_mels)
-    log.info("feature cache: %s (up to %.1f GB for the %.2f h of %s)", feats.directory,
-             data.hours * 3600 * feature_cache.bytes_per_second(cfg.model.num_mels) / 1e9,
-             data.hours, dcfg.train_split)
+  feats = _feature_cache(cfg, cache, data)
   data_iter = input_lib.train_iterator(
       source, data, shapes, steps=tcfg.steps, seed=tcfg.seed, num_mels=cfg.model.num_mels,
       ctc_upsample=cfg.model.ctc_upsample, short_first=dcfg.short_first,
