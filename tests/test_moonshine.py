@@ -1,6 +1,7 @@
 """model.frontend='moonshine_tiny': Moonshine tiny's frozen ASR encoder (the ONNX Runtime file
 in moonshine-voice 0.0.73's wheel) in blocks, resampled to the 100 Hz frame grid."""
 
+import dataclasses
 import importlib.util
 import math
 import pathlib
@@ -137,3 +138,14 @@ def test_missing_moonshine_voice_is_a_one_line_error(monkeypatch):
   with pytest.raises(moonshine.MissingWeights, match="moonshine-voice==0.0.73") as e:
     moonshine.model_file()
   assert "\n" not in str(e.value)
+
+
+def test_small_moonshine_config_is_the_small_model_on_the_moonshine_recipe():
+  configs = CONFIG.parent
+  small = config_lib.load(configs / "speech_tokenizer_small.py")
+  moon = config_lib.load(CONFIG)
+  both = config_lib.load(configs / "speech_tokenizer_small_moonshine.py")
+  assert both.model == dataclasses.replace(small.model, frontend="moonshine_tiny", num_mels=288)
+  assert both.data == moon.data and not both.data.augment.enabled
+  assert (both.vq, both.asr) == (small.vq, small.asr)
+  assert both.train.learning_rate == small.train.learning_rate
