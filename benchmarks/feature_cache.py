@@ -10,9 +10,11 @@ so this is what it takes from the step's cores), on the first N batches of the c
 import argparse
 import pathlib
 import shutil
+import sys
 import tempfile
 import time
 
+from sptlm.errors import UserError
 from sptlm.speech import config as config_lib
 from sptlm.speech import corpus as corpus_lib
 from sptlm.speech import input as input_lib
@@ -62,4 +64,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  try:
+    main()
+  except UserError as e:  # a missing corpus or unit model, a bad config: one line
+    sys.exit(f"{pathlib.Path(__file__).name}: error: {e}")

@@ -24,6 +24,7 @@ import pathlib
 import sys
 import time
 
+from sptlm.errors import UserError
 from sptlm.speech import corpus as corpus_lib
 from sptlm.speech import wer as wer_lib
 
@@ -77,4 +78,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  try:
+    main()
+  except UserError as e:  # a missing corpus or unit model, a bad config: one line
+    sys.exit(f"{pathlib.Path(__file__).name}: error: {e}")
