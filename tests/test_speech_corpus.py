@@ -87,6 +87,43 @@ def test_build_is_deterministic_with_disjoint_heldout_splits(text, tmp_path):
     assert 0.5 < r["seconds"] < 15
 
 
+def test_an_interrupted_build_goes_on_from_the_clips_it_rendered(text, tmp_path, monkeypatch):
+  kwargs = dict(texts=[text], num_train=4, num_test=3, num_dev=2, heldout_variants=5,
+                workers=1, progress=False, seed=7)
+  whole = corpus.build_corpus(tmp_path / "whole", **kwargs)
+  real, rendered = corpus.render, []
+
+  def interrupted(plan, path, engine):
+    if len(rendered) == 5:
+      raise KeyboardInterrupt  # Ctrl-C, or the machine going away
+    rendered.append(plan.id)
+    return real(plan, path, engine)
+
+  monkeypatch.setattr(corpus, "render", interrupted)
+  out, logged = tmp_path / "a", []
+  with pytest.raises(KeyboardInterrupt):
+    corpus.build_corpus(out, **kwargs, log=logged.append)
+  assert logged == [f"build-corpus: interrupted with 5 of 12 clips in {out}; the same command "
+                    "goes on from there"]
+  assert not (out / "corpus.json").exists() and (out / corpus.BUILDING).exists()
+  kept = {p.name: p.stat().st_mtime_ns for p in (out / "wav").glob("*.wav")}
+  assert len(kept) == 5
+  with pytest.raises(ValueError, match="partial build of a different corpus"):
+    corpus.build_corpus(out, **dict(kwargs, seed=8))
+
+  rendered.clear()
+  monkeypatch.setattr(corpus, "render", lambda *a: rendered.append(a[0].id) or real(*a))
+  logged.clear()
+  got = corpus.build_corpus(out, **kwargs, log=logged.append)
+  assert len(rendered) == sum(whole["counts"].values()) - 5  # only the missing clips
+  assert any("5 of 12 clips already rendered" in line for line in logged)
+  assert {p.name: p.stat().st_mtime_ns for p in (out / "wav").glob("*.wav")
+          if p.name in kept} == kept
+  assert got == whole and not (out / corpus.BUILDING).exists()
+  assert (out / "manifest.jsonl").read_text() == (tmp_path / "whole" / "manifest.jsonl").read_text()
+  assert _digest(out) == _digest(tmp_path / "whole")
+
+
 def test_user_manifests_jsonl_and_tsv(tmp_path):
   wav = tmp_path / "x.wav"
   scipy.io.wavfile.write(wav, 8000, np.zeros(8000, np.int16))

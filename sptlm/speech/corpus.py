@@ -11,6 +11,8 @@ A built corpus is a directory:
 
   lm_text.txt      the normalized sentences of the sources outside the held-out splits: text
                    for the transcription language model (never a held-out sentence)
+  building.json    only while a build is under way or was interrupted: the same command goes
+                   on from the clips already rendered
 
 Splits: `train` (training sentences, training voices), `test` (held-out sentences, voices seen
 in training), `test_voices` (the same held-out sentences, voices never used in training) and
@@ -61,6 +63,7 @@ RATES = (130, 200)  # words per minute (espeak's default: 175)
 PITCHES = (25, 75)  # 0..99 (default 50)
 AMPLITUDES = (60, 140)  # 0..200 (default 100)
 LM_TEXT = "lm_text.txt"  # a built corpus's text for the transcription language model
+BUILDING = "building.json"  # a build under way or interrupted: which corpus (its fingerprint)
 SPLITS = ("train", "test", "test_voices", "dev", "test_engine")  # order fixes per-split seeds
 _ALLOWED = re.compile(r"^[A-Za-z][A-Za-z ,.'!?;:\-]*$")
 
@@ -352,20 +355,27 @@ def build_corpus(out: str | pathlib.Path, *, texts: Sequence[str | pathlib.Path]
       return old
     raise InputError(f"{out} holds a different corpus (fingerprint {old.get('fingerprint')} != "
                      f"{fingerprint}); choose another --out or delete it")
-  (out / "wav").mkdir(parents=True, exist_ok=True)
+  seconds = _resume(out, fingerprint, plans, log)
   renderers = {e: engines_lib.get(e) for e in voice_lists}
-  seconds: dict[str, float] = {}
   failed: dict[str, str] = {}
-  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+  todo = [p for p in plans if p.id not in seconds]
+  pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
+  try:
     jobs = {pool.submit(render, p, out / "wav" / f"{p.id}.wav", renderers[p.engine]): p
-            for p in plans}
+            for p in todo}
     desc = "+".join(voice_lists) if len(voice_lists) > 1 else "espeak-ng"
-    for job in tqdm(concurrent.futures.as_completed(jobs), total=len(jobs), unit="utt",
-                    desc=desc, disable=not progress):
+    for job in tqdm(concurrent.futures.as_completed(jobs), total=len(plans),
+                    initial=len(seconds), unit="utt", desc=desc, disable=not progress):
       try:
         seconds[jobs[job].id] = job.result()
       except engines_lib.EngineError as e:
         failed[jobs[job].id] = str(e)
+  except KeyboardInterrupt:
+    log(f"build-corpus: interrupted with {len(seconds)} of {len(plans)} clips in {out}; the "
+        "same command goes on from there")
+    raise
+  finally:  # stop at the clips already under way
+    pool.shutdown(wait=True, cancel_futures=True)
   for pid, why in sorted(failed.items())[:5]:
     log(f"build-corpus: skipped {pid}: {why}")
   kept = [p for p in plans if p.id in seconds]
@@ -391,7 +401,39 @@ def build_corpus(out: str | pathlib.Path, *, texts: Sequence[str | pathlib.Path]
                          if p.split == s and p.engine == e) / 3600, 3) for s in meta["counts"]}
         for e in voice_lists}
   meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+  (out / BUILDING).unlink(missing_ok=True)
   return json.loads(meta_path.read_text())
+
+
+def _resume(out: pathlib.Path, fingerprint: str, plans: Sequence[Plan], log) -> dict[str, float]:
+  """{clip id: seconds} of the clips an interrupted build of this same corpus already wrote
+  into `out` (each WAV is renamed into place whole, so one that exists is complete); marks
+  `out` as building this corpus. A partial build of another corpus is an error, not mixed in;
+  WAVs without the mark (a build from before it existed) are rendered again."""
+  marker = out / BUILDING
+  resuming = marker.exists()
+  if resuming:
+    try:
+      was = json.loads(marker.read_text()).get("fingerprint")
+    except (ValueError, AttributeError):
+      was = None
+    if was != fingerprint:
+      raise InputError(f"{out} holds a partial build of a different corpus (fingerprint {was} "
+                       f"!= {fingerprint}); choose another --out or delete it")
+  (out / "wav").mkdir(parents=True, exist_ok=True)
+  marker.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+  done = {}
+  for p in plans if resuming else ():  # WAVs of an unmarked build are of an unknown corpus
+    wav = out / "wav" / f"{p.id}.wav"
+    if wav.is_file():
+      try:
+        rate, pcm = scipy.io.wavfile.read(wav, mmap=True)
+      except (ValueError, OSError, EOFError):
+        continue  # unreadable: rendered again
+      done[p.id] = len(pcm) / rate
+  if done:
+    log(f"build-corpus: resuming {out}: {len(done)} of {len(plans)} clips already rendered")
+  return done
 
 
 # ---- Reading corpora ------------------------------------------------------------------------
