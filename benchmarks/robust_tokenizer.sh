@@ -11,7 +11,7 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 SPTLM=(.venv/bin/python -m sptlm.cli tokenizer)
 CORPUS=${CORPUS:-runs/speech_corpus_engines}
 WORKDIR=${WORKDIR:-runs/speech_robust}
-CONFIG=${CONFIG:-configs/speech_tokenizer_robust.py}  # or configs/speech_tokenizer_small.py
+CONFIG=${CONFIG:-configs/speech_tokenizer_robust.py}  # or configs/speech_tokenizer_small_moonshine.py
 time "${SPTLM[@]}" build-corpus --out "$CORPUS" --fortunes \
   --engines espeak,mbrola,flite,festival,piper --heldout-engine piper \
   --train 10000 --test 300 --dev 200
