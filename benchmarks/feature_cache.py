@@ -16,7 +16,7 @@ import time
 
 from sptlm.errors import UserError
 from sptlm.speech import config as config_lib
-from sptlm.speech import corpus as corpus_lib
+from sptlm.speech import manifest as manifest_lib
 from sptlm.speech import input as input_lib
 from sptlm.speech import units as units_lib
 from sptlm.speech.feature_cache import FeatureCache
@@ -31,7 +31,7 @@ def main() -> None:
   args = p.parse_args()
   cfg = config_lib.load(args.config, [f"--config.data.corpus={args.corpus}"])
   m, d = cfg.model, cfg.data
-  source = corpus_lib.ManifestSource(pathlib.Path(args.corpus))
+  source = manifest_lib.ManifestSource(pathlib.Path(args.corpus))
   if not args.units:  # the unit model a run would train (only the label lengths matter here)
     args.units = str(pathlib.Path(tempfile.mkdtemp()) / "units.model")
     units_lib.train_units([u.text for u in source.utterances(d.train_split)], cfg.asr.units,

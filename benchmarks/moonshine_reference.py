@@ -26,6 +26,7 @@ import time
 
 from sptlm.errors import UserError
 from sptlm.speech import corpus as corpus_lib
+from sptlm.speech import manifest as manifest_lib
 from sptlm.speech import wer as wer_lib
 
 
@@ -48,7 +49,7 @@ def main() -> None:
   p.add_argument("--limit", type=int, default=300, help="utterances per engine")
   p.add_argument("--out", default="", help="also write the figures as JSON here")
   args = p.parse_args()
-  source = corpus_lib.ManifestSource(pathlib.Path(args.corpus))
+  source = manifest_lib.ManifestSource(pathlib.Path(args.corpus))
   by_engine: dict[str, list] = collections.defaultdict(list)
   for split in args.splits.split(","):
     if split in source.splits():

@@ -71,12 +71,12 @@ def main() -> None:
   train_s = time.time() - t0
 
   import jax
-  from sptlm.speech import corpus as corpus_lib
+  from sptlm.speech import manifest as manifest_lib
   from sptlm.speech import robust_eval
   from sptlm.speech import wer as wer_lib
   from sptlm.speech.tokenizer import SpeechTokenizer
   tok = SpeechTokenizer.load(args.workdir, batch=16)
-  source = corpus_lib.ManifestSource(pathlib.Path(args.corpus))
+  source = manifest_lib.ManifestSource(pathlib.Path(args.corpus))
   rows = [json.loads(line) for line in (pathlib.Path(args.workdir) / "metrics.jsonl")
           .read_text().splitlines()]
   train_rows = [r for r in rows if "loss" in r]

@@ -182,13 +182,13 @@ def tpu(args: argparse.Namespace) -> dict:
 
 
 def quality(args: argparse.Namespace) -> dict:
-  from sptlm.speech import corpus as corpus_lib
+  from sptlm.speech import manifest as manifest_lib
   from sptlm.speech import wer as wer_lib
   from sptlm.speech.tokenizer import SpeechTokenizer
   from sptlm.t2t.synthesize import T2T
   tok = SpeechTokenizer.load(args.tokenizer)
   t2t = T2T.load(args.t2t, tokenizer=tok)
-  source = corpus_lib.open_source(args.corpus, cache_dir=pathlib.Path(args.t2t) / "cache",
+  source = manifest_lib.open_source(args.corpus, cache_dir=pathlib.Path(args.t2t) / "cache",
                                   splits=(args.split,))
   utts = source.utterances(args.split)[: args.limit or None]
   refs = [u.text for u in utts]
@@ -214,10 +214,10 @@ def quality(args: argparse.Namespace) -> dict:
 
 def batching(args: argparse.Namespace) -> list[dict]:
   """Static (length-sorted) batches vs continuous batching on the same real sentences."""
-  from sptlm.speech import corpus as corpus_lib
+  from sptlm.speech import manifest as manifest_lib
   from sptlm.t2t.synthesize import T2T
   t2t = T2T.load(args.t2t)
-  source = corpus_lib.open_source(args.corpus, cache_dir=pathlib.Path(args.t2t) / "cache",
+  source = manifest_lib.open_source(args.corpus, cache_dir=pathlib.Path(args.t2t) / "cache",
                                   splits=(args.split,))
   texts = [u.text for u in source.utterances(args.split)][: args.limit or None]
   rows = []

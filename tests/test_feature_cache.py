@@ -12,7 +12,7 @@ import scipy.io.wavfile
 from sptlm.speech import config as config_lib
 from sptlm.speech import input as input_lib
 from sptlm.speech.augment import AugmentConfig
-from sptlm.speech.corpus import ManifestSource
+from sptlm.speech.manifest import ManifestSource
 from sptlm.speech.feature_cache import FeatureCache
 
 from test_speech_embedding import _speechlike  # noqa: E402  (tests/ is on sys.path)

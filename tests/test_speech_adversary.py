@@ -10,7 +10,7 @@ from sptlm import sharding
 from sptlm.speech import config as config_lib
 from sptlm.speech import input as input_lib
 from sptlm.speech import program
-from sptlm.speech.corpus import Utterance
+from sptlm.speech.manifest import Utterance
 from sptlm.speech.engines import ADVERSARY_ENGINES, ENGINES
 
 from test_speech_model import small_config  # noqa: E402  (tests/ is on sys.path)

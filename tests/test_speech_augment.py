@@ -11,7 +11,7 @@ from sptlm.speech import augment
 from sptlm.speech import config as config_lib
 from sptlm.speech import input as input_lib
 from sptlm.speech.augment import AugmentConfig
-from sptlm.speech.corpus import Utterance
+from sptlm.speech.manifest import Utterance
 from sptlm.speech.features import SAMPLE_RATE, SAMPLES_PER_TOKEN, log_mel
 from sptlm.speech.units import ctc_frames_needed
 

@@ -11,6 +11,7 @@ import pytest
 import scipy.io.wavfile
 
 from sptlm.speech import corpus
+from sptlm.speech import manifest as manifest_lib
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None,
                                 reason="espeak-ng is not installed (scripts/setup.sh)")
@@ -129,17 +130,17 @@ def test_user_manifests_jsonl_and_tsv(tmp_path):
   scipy.io.wavfile.write(wav, 8000, np.zeros(8000, np.int16))
   (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "x.wav", "text": "Hello, World!"}) + "\n")
   (tmp_path / "m.tsv").write_text(f"path\ttranscript\n{wav}\tHello there\tdev\n")
-  src = corpus.open_source(str(tmp_path / "m.jsonl"), cache_dir=tmp_path, splits=["train"])
+  src = manifest_lib.open_source(str(tmp_path / "m.jsonl"), cache_dir=tmp_path, splits=["train"])
   (u,) = src.utterances("train")
   assert u.text == "hello world" and src.load(u).shape == (16_000,)  # resampled to 16 kHz
-  src = corpus.open_source(str(tmp_path / "m.tsv"), cache_dir=tmp_path, splits=["dev"])
+  src = manifest_lib.open_source(str(tmp_path / "m.tsv"), cache_dir=tmp_path, splits=["dev"])
   assert [u.text for u in src.utterances("dev")] == ["hello there"]
   with pytest.raises(ValueError, match="no utterances in split 'train'"):
     src.utterances("train")
   with pytest.raises(FileNotFoundError, match="build-corpus"):
-    corpus.open_source(str(tmp_path / "nope"), cache_dir=tmp_path, splits=["train"])
+    manifest_lib.open_source(str(tmp_path / "nope"), cache_dir=tmp_path, splits=["train"])
   try:
     import tensorflow_datasets  # noqa: F401
   except ImportError:
     with pytest.raises(ValueError, match="tensorflow-datasets"):
-      corpus.open_source("tfds:librispeech", cache_dir=tmp_path, splits=["train"])
+      manifest_lib.open_source("tfds:librispeech", cache_dir=tmp_path, splits=["train"])

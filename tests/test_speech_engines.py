@@ -11,6 +11,7 @@ import pytest
 
 from sptlm.errors import InputError
 from sptlm.speech import corpus, engines, robust_eval
+from sptlm.speech import manifest as manifest_lib
 from sptlm.speech.features import SAMPLE_RATE
 
 SENTENCES = ["The cat sat on the mat.", "A dog ran in the park today.",
@@ -130,7 +131,7 @@ def test_a_multi_engine_corpus_records_engines_and_holds_one_out(tmp_path, text)
   lm = (tmp_path / "c" / corpus.LM_TEXT).read_text().splitlines()
   assert not set(lm) & test_texts
   # reading it back keeps the engine
-  source = corpus.ManifestSource(tmp_path / "c")
+  source = manifest_lib.ManifestSource(tmp_path / "c")
   assert {u.engine for u in source.utterances("test_engine")} == {"piper"}
   # the same command is the same corpus; another held-out engine is another corpus
   assert _build(tmp_path / "c", text)["fingerprint"] == meta["fingerprint"]

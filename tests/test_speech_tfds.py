@@ -5,7 +5,7 @@ corpus. TensorFlow is imported inside the test only, so the rest of the suite ne
 import numpy as np
 import pytest
 
-from sptlm.speech import corpus
+from sptlm.speech import manifest as manifest_lib
 
 TEXTS = {"train": ["HELLO WORLD", "IT'S A TEST"], "test": ["GOOD NIGHT"]}
 
@@ -39,15 +39,15 @@ def test_tfds_speech_dataset_is_exported_and_read(tmp_path, monkeypatch):
   _prepare_tiny_speech(str(tmp_path / "tfds"))
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
   cache = tmp_path / "cache"
-  src = corpus.open_source("tfds:tiny_speech", cache_dir=cache, splits=["train", "test"])
+  src = manifest_lib.open_source("tfds:tiny_speech", cache_dir=cache, splits=["train", "test"])
   got = {split: [u.text for u in src.utterances(split)] for split in TEXTS}
   assert sorted(got["train"]) == ["hello world", "it's a test"] and got["test"] == ["good night"]
   lengths = sorted(len(src.load(u)) for u in src.utterances("train"))
   assert lengths == [16000, 32000]  # 1 s and 2 s, resampled from 8 kHz to 16 kHz
   manifest = (cache / "tfds_tiny_speech" / "manifest.jsonl").read_text()
-  again = corpus.open_source("tfds:tiny_speech", cache_dir=cache, splits=["train", "test"])
+  again = manifest_lib.open_source("tfds:tiny_speech", cache_dir=cache, splits=["train", "test"])
   assert (cache / "tfds_tiny_speech" / "manifest.jsonl").read_text() == manifest  # once
   assert len(again.utterances("train")) == 2
   with pytest.raises(ValueError, match="split 'validation' is not available"):
-    corpus.open_source("tfds:tiny_speech", cache_dir=tmp_path / "other",
+    manifest_lib.open_source("tfds:tiny_speech", cache_dir=tmp_path / "other",
                        splits=["validation"])

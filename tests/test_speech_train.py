@@ -410,7 +410,7 @@ def test_eval_speech_from_audio_through_the_tokenizer(trained, corpus_dir, tmp_p
 def test_tune_rechooses_the_lm_weights_at_the_full_beam(trained, corpus_dir, tmp_path, env):
   """`sptlm tokenizer tune`: the weights it writes decode `dev` at the run's beam no worse than
   the weights it started from (those are among its finalists), and the tokenizer loads them."""
-  from sptlm.speech import corpus as corpus_lib
+  from sptlm.speech import manifest as manifest_lib
   from sptlm.speech import wer as wer_lib
   from sptlm.speech.tokenizer import SpeechTokenizer
   work = tmp_path / "run"
@@ -420,7 +420,7 @@ def test_tune_rechooses_the_lm_weights_at_the_full_beam(trained, corpus_dir, tmp
   tuned = json.loads(out)
   assert json.loads((work / "asr_decoding.json").read_text()) == tuned
   assert tuned["split"] == "dev" and tuned["beam"] == 64 and tuned["grid_beam"] == 16
-  source = corpus_lib.ManifestSource(corpus_dir)
+  source = manifest_lib.ManifestSource(corpus_dir)
   utts = source.utterances("dev")
   audio, refs = [source.load(u) for u in utts], [u.text for u in utts]
   tok = SpeechTokenizer.load(str(work))
@@ -438,7 +438,7 @@ def test_evaluate_per_engine_and_condition(trained, tmp_path, env):
   and condition, its clean WER/CER the tokenizer's own transcripts scored directly, token
   agreement for every pair of engines; and a work directory written before data.augment
   existed still loads with the same codes."""
-  from sptlm.speech import corpus as corpus_lib
+  from sptlm.speech import manifest as manifest_lib
   from sptlm.speech import engines as engines_lib
   from sptlm.speech import wer as wer_lib
   from sptlm.speech.tokenizer import SpeechTokenizer
@@ -458,7 +458,7 @@ def test_evaluate_per_engine_and_condition(trained, tmp_path, env):
   assert set(cells) == {(s, e, c) for s, e in want for c in ("clean", "noisy", "telephone")}
   assert "| test | espeak | 2 |" in out
   tok = SpeechTokenizer.load(str(trained))
-  source = corpus_lib.ManifestSource(corpus)
+  source = manifest_lib.ManifestSource(corpus)
   utts = [u for u in source.utterances("test") if u.engine == "espeak"]
   hyps = tok.decode(tok.encode([source.load(u) for u in utts]))
   refs = [u.text for u in utts]

@@ -230,7 +230,7 @@ def _token_lines(path: str) -> Iterator[tuple[int, dict]]:
 
 def cmd_evaluate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   _no_overrides(overrides, "evaluate")
-  from sptlm.speech import corpus, robust_eval
+  from sptlm.speech import manifest, robust_eval
   from sptlm.speech.tokenizer import SpeechTokenizer
   splits = [s for s in args.splits.split(",") if s]
   conditions = [c for c in args.conditions.split(",") if c]
@@ -238,7 +238,7 @@ def cmd_evaluate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   if bad:
     raise InputError(f"--conditions: unknown {', '.join(bad)}; choose from "
                      f"{','.join(robust_eval.CONDITIONS)}")
-  source = corpus.ManifestSource(paths.resolve(args.corpus))
+  source = manifest.ManifestSource(paths.resolve(args.corpus))
   tok = SpeechTokenizer.load(args.workdir, batch=args.batch)
   if not getattr(tok, "can_transcribe", True):
     raise UserError(f"--workdir {args.workdir} is an imported WhisperVQ tokenizer: it has no "
@@ -258,10 +258,10 @@ def cmd_evaluate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 def cmd_tune(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   _no_overrides(overrides, "tune")
-  from sptlm.speech import corpus
+  from sptlm.speech import manifest
   from sptlm.speech import train as train_lib
   from sptlm.speech.tokenizer import SpeechTokenizer
-  source = corpus.ManifestSource(paths.resolve(args.corpus))
+  source = manifest.ManifestSource(paths.resolve(args.corpus))
   source.utterances(args.split)  # an unknown split fails before the model loads
   tok = SpeechTokenizer.load(args.workdir, batch=args.batch)
   if getattr(tok, "lm", None) is None:

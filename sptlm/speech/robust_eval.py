@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from sptlm.speech import augment as augment_lib
 from sptlm.speech import wer as wer_lib
-from sptlm.speech.corpus import ManifestSource, Utterance
+from sptlm.speech.manifest import ManifestSource, Utterance
 from sptlm.speech.features import SAMPLE_RATE
 from sptlm.speech.tokenizer import SpeechTokenizer
 

@@ -37,6 +37,7 @@ from sptlm.speech import ctc_decode
 from sptlm.speech import feature_cache
 from sptlm.speech import input as input_lib
 from sptlm.speech import lm_text as lm_text_lib
+from sptlm.speech import manifest
 from sptlm.speech import program as program_lib
 from sptlm.speech import units as units_lib
 from sptlm.speech import voice_change
@@ -51,7 +52,7 @@ from sptlm.train.stop import StopSignal
 log = logging.getLogger(__name__)
 
 
-def _units(cfg: SpeechTokenizerConfig, source: corpus_lib.ManifestSource,
+def _units(cfg: SpeechTokenizerConfig, source: manifest.ManifestSource,
            wd: epath.Path) -> units_lib.Units:
   """asr.text_tokenizer, or the run's own unit model (trained once on the training split)."""
   if cfg.asr.text_tokenizer:
@@ -94,7 +95,7 @@ def _feature_cache(cfg: SpeechTokenizerConfig, cache: epath.Path, data: input_li
   return feats
 
 
-def _language_model(cfg: SpeechTokenizerConfig, source: corpus_lib.ManifestSource,
+def _language_model(cfg: SpeechTokenizerConfig, source: manifest.ManifestSource,
                     wd: epath.Path) -> ctc_decode.NgramLM | None:
   """The transcription LM: WORKDIR/asr_lm.arpa, else trained (once) on the corpus's
   lm_text.txt (a built corpus: its sources' sentences outside the held-out splits, the training
@@ -128,7 +129,7 @@ def _language_model(cfg: SpeechTokenizerConfig, source: corpus_lib.ManifestSourc
 
 
 def _eval_sets(cfg: SpeechTokenizerConfig,
-               source: corpus_lib.ManifestSource) -> dict[str, list[corpus_lib.Utterance]]:
+               source: manifest.ManifestSource) -> dict[str, list[manifest.Utterance]]:
   out = {}
   for split in cfg.data.eval_splits:
     utts = source.utterances(split)
@@ -137,8 +138,8 @@ def _eval_sets(cfg: SpeechTokenizerConfig,
   return out
 
 
-def evaluate(tok: SpeechTokenizer, source: corpus_lib.ManifestSource,
-             utts: list[corpus_lib.Utterance]) -> dict[str, Any]:
+def evaluate(tok: SpeechTokenizer, source: manifest.ManifestSource,
+             utts: list[manifest.Utterance]) -> dict[str, Any]:
   """WER of transcribe (the tokenizer's decoder) and of greedy CTC decoding, code usage and
   perplexity over `utts`; "log_probs" keeps the CTC posteriors for tuning."""
   audios = [source.load(u) for u in utts]
@@ -196,7 +197,7 @@ def tune_decoding(tok: SpeechTokenizer, refs: list[str], log_probs: list[np.ndar
   return {"alpha": best[1], "beta": best[2], "wer": best[0], "beam": wide, "grid_beam": beam}
 
 
-def tune(tok: SpeechTokenizer, source: corpus_lib.ManifestSource, split: str,
+def tune(tok: SpeechTokenizer, source: manifest.ManifestSource, split: str,
          workdir: str | pathlib.Path) -> dict[str, Any]:
   """Chooses the decoding weights on `split` and writes them to WORKDIR/asr_decoding.json,
   where SpeechTokenizer.load finds them."""
@@ -251,7 +252,7 @@ def train(cfg: SpeechTokenizerConfig, workdir: str) -> dict[str, Any]:
   # ---- Input -------------------------------------------------------------------------------
   cache = epath.Path(dcfg.cache_dir) if dcfg.cache_dir else wd / "cache"
   splits = (dcfg.train_split, *dcfg.eval_splits, *([dcfg.tune_split] if dcfg.tune_split else []))
-  source = corpus_lib.open_source(dcfg.corpus, cache_dir=pathlib.Path(str(cache)),
+  source = manifest.open_source(dcfg.corpus, cache_dir=pathlib.Path(str(cache)),
                                   splits=tuple(dict.fromkeys(splits)))
   if jax.process_index() == 0:
     wd.mkdir(parents=True, exist_ok=True)  # the unit model and LM are kept beside the run

@@ -49,7 +49,7 @@ def make(tokenizer_dir: str, corpus: str, out: str | pathlib.Path, splits: Seque
 
   Finished shards are skipped; shards made by another tokenizer are an error.
   """
-  from sptlm.speech import corpus as corpus_lib
+  from sptlm.speech import manifest
   from sptlm.speech.tokenizer import SpeechTokenizer
   out = epath.Path(out)
   tok = SpeechTokenizer.load(tokenizer_dir, lm=None)
@@ -63,7 +63,7 @@ def make(tokenizer_dir: str, corpus: str, out: str | pathlib.Path, splits: Seque
                        f"{ident['fingerprint']}: use a new directory")
   out.mkdir(parents=True, exist_ok=True)
   recorded.write_text(json.dumps(ident, indent=2) + "\n")
-  source = corpus_lib.open_source(corpus, cache_dir=cache_dir, splits=tuple(splits))
+  source = manifest.open_source(corpus, cache_dir=cache_dir, splits=tuple(splits))
   for split in splits:
     utts = source.utterances(split)
     shards = [utts[i:i + SHARD_UTTERANCES] for i in range(0, len(utts), SHARD_UTTERANCES)]
