@@ -58,8 +58,10 @@ def test_batches_from_the_cache_equal_the_batches_computed_directly(tmp_path):
   direct = _batches(source, data, None, 7)  # a little over two epochs
   cache = FeatureCache(tmp_path / "features", FRONTEND, DIM)
   _assert_equal(_batches(source, data, cache, 7), direct)
-  # every clip featurized (two loader threads may both do one at an epoch's edge), then read
-  assert cache.misses >= 6 and cache.hits >= 8 and cache.recomputed == 0
+  # every clip featurized, every request answered; how many are read back in this first run
+  # depends on the loader threads' timing (two may featurize one clip at an epoch's edge, and
+  # on a busy machine several), so the read-back is proved by the resumed run below
+  assert cache.misses >= 6 and cache.hits + cache.misses >= 14 and cache.recomputed == 0
   assert len(list((tmp_path / "features").rglob("*.npy"))) == 6
   assert not list((tmp_path / "features").rglob("*.tmp*"))
   again = FeatureCache(tmp_path / "features", FRONTEND, DIM)  # a resumed run: all read back
