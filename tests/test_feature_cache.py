@@ -12,8 +12,8 @@ import scipy.io.wavfile
 from sptlm.speech import config as config_lib
 from sptlm.speech import input as input_lib
 from sptlm.speech.augment import AugmentConfig
-from sptlm.speech.manifest import ManifestSource
 from sptlm.speech.feature_cache import FeatureCache
+from sptlm.speech.manifest import ManifestSource
 
 from test_speech_embedding import _speechlike  # noqa: E402  (tests/ is on sys.path)
 
@@ -72,7 +72,9 @@ def test_batches_from_the_cache_equal_the_batches_computed_directly(tmp_path):
 def test_a_corrupt_or_misshapen_file_is_featurized_again(tmp_path):
   source, data = _corpus(tmp_path / "corpus")
   direct = _batches(source, data, None, 3)
-  _batches(source, data, FeatureCache(tmp_path / "features", FRONTEND, DIM), 3)
+  first = FeatureCache(tmp_path / "features", FRONTEND, DIM)  # filled without loader threads,
+  for u in data.utts:  # so that none still writes a file after it is spoiled below
+    first.get(source.path(u), source.load(u))
   files = sorted((tmp_path / "features").rglob("*.npy"))
   files[0].write_bytes(files[0].read_bytes()[:100])  # cut short, as by a crash mid-copy
   np.save(files[1], np.zeros((3, DIM), np.float32))  # a readable array of the wrong shape

@@ -30,9 +30,9 @@ from sptlm.errors import InputError
 from sptlm.speech import augment as augment_lib
 from sptlm.speech import features, voice_change
 from sptlm.speech.augment import AugmentConfig
-from sptlm.speech.manifest import ManifestSource, Utterance
 from sptlm.speech.engines import ADVERSARY_ENGINES
 from sptlm.speech.feature_cache import FeatureCache
+from sptlm.speech.manifest import ManifestSource, Utterance
 from sptlm.speech.units import Units, ctc_frames_needed
 
 log = logging.getLogger(__name__)

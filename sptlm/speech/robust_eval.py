@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from sptlm.speech import augment as augment_lib
 from sptlm.speech import wer as wer_lib
-from sptlm.speech.manifest import ManifestSource, Utterance
 from sptlm.speech.features import SAMPLE_RATE
+from sptlm.speech.manifest import ManifestSource, Utterance
 from sptlm.speech.tokenizer import SpeechTokenizer
 
 NOISY_SNR_DB = 10.0
