@@ -4,10 +4,9 @@ Registered by the top-level CLI through `add_parser(subparsers)`. Handlers take
 (args, overrides) and return an exit code; user errors raise a UserError (sptlm.errors) with
 one line, which the top-level CLI prints.
 
-Batch jobs (encode, transcribe) write one JSON line per input as soon as it is done, flushed.
-A bad input gets an {"audio": ..., "error": ...} line and a line on stderr, and the job goes
-on; the exit code is 1 if any input failed. With --output FILE an interrupted job resumes:
-lines already in FILE are kept and their inputs skipped (failed ones are retried).
+Batch jobs (encode, transcribe) write JSON lines through sptlm.speech.batch_io: one per input,
+flushed, an "error" line for a bad input while the job goes on (exit code 1 if any failed), and
+an interrupted --output FILE resumed.
 """
 
 import argparse
@@ -15,11 +14,11 @@ import json
 import os
 import pathlib
 import sys
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, TextIO
+from collections.abc import Iterable, Sequence
 
 from sptlm import paths
 from sptlm.errors import InputError, MissingFileError, UserError
+from sptlm.speech import batch_io
 
 DEFAULT_CONFIG = "configs/speech_tokenizer_tiny.py"
 
@@ -119,61 +118,6 @@ def cmd_compile(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 # ---- encode / transcribe ----------------------------------------------------------------------
 
 
-class Output:
-  """JSON lines to stdout or a file; a file is resumed: complete lines stay, inputs done are
-  skipped, a torn last line (a killed job) is cut off."""
-
-  def __init__(self, path: str | None, key: str):
-    self.done: set[Any] = set()
-    self.failed = 0
-    if path is None:
-      self.file: TextIO = sys.stdout
-      return
-    p = pathlib.Path(path)
-    try:
-      self._resume(p, key)
-      self.file = p.open("a", encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-      raise UserError(f"--output {path}: {getattr(e, 'strerror', None) or e}") from None
-
-  def _resume(self, p: pathlib.Path, key: str) -> None:
-    """Keeps an interrupted job's complete lines and notes the inputs they finished."""
-    if p.exists():
-      text = p.read_text(encoding="utf-8")
-      complete = text[:text.rfind("\n") + 1]
-      if complete != text:
-        p.write_text(complete, encoding="utf-8")
-      for line in complete.splitlines():
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:
-          continue
-        if "error" not in row and key in row:
-          self.done.add(row[key])
-
-  def write(self, row: dict, command: str) -> None:
-    if "error" in row:
-      self.failed += 1
-      print(f"sptlm tokenizer {command}: {row['error']}", file=sys.stderr, flush=True)
-    self.file.write(json.dumps(row) + "\n")
-    self.file.flush()
-
-  def close(self) -> None:
-    if self.file is not sys.stdout:
-      self.file.close()
-
-
-def _inputs(args: argparse.Namespace) -> list[str]:
-  files = list(args.audio)
-  if args.list:
-    try:
-      lines = pathlib.Path(args.list).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-      raise UserError(f"--list {args.list}: {e.strerror}") from None
-    files += [line.strip() for line in lines if line.strip()]
-  return files
-
-
 def _load(args: argparse.Namespace):
   from sptlm.speech.tokenizer import SpeechTokenizer
   beam = getattr(args, "beam", None)
@@ -181,51 +125,21 @@ def _load(args: argparse.Namespace):
                               **({"beam": beam} if beam is not None else {}))
 
 
-def _progress(items: Iterable, total: int, unit: str) -> Iterator:
-  from tqdm import tqdm
-  return iter(tqdm(items, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True,
-                   disable=total < 2))
-
-
-def _finish(out: Output, total: int, command: str) -> int:
-  out.close()
-  if out.failed:
-    print(f"sptlm tokenizer {command}: {out.failed} of {total} inputs failed (see their "
-          "\"error\" lines)", file=sys.stderr)
-    return 1
-  return 0
-
-
 def cmd_encode(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   _no_overrides(overrides, "encode")
-  files = _inputs(args)
+  files = batch_io.inputs(args)
   if not files:
     raise UserError("no audio given: name WAV files or pass --list FILE")
   tok = _load(args)
-  out = Output(args.output, "audio")
+  out = batch_io.Output(args.output, "audio")
   todo = [f for f in files if f not in out.done]
   rows = tok.encode_files(todo, mix_channels=args.mix_channels, max_seconds=args.max_seconds)
   try:
-    for row in _progress(rows, len(todo), "file"):
+    for row in batch_io.progress(rows, len(todo), "file"):
       out.write(row, "encode")
   finally:
     out.file.flush()
-  return _finish(out, len(todo), "encode")
-
-
-def _token_lines(path: str) -> Iterator[tuple[int, dict]]:
-  p = pathlib.Path(path)
-  if not p.is_file():
-    raise MissingFileError(f"--tokens {path}: no such file")
-  with p.open(encoding="utf-8") as f:
-    for i, line in enumerate(f):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        row = {"error": f"line {i + 1} of {path} is not JSON"}
-      yield i, row if isinstance(row, dict) else {"error": f"line {i + 1} is not an object"}
+  return batch_io.finish(out, len(todo), "encode")
 
 
 def cmd_evaluate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
@@ -281,15 +195,15 @@ def cmd_transcribe(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     raise UserError(f"--workdir {args.workdir} is an imported WhisperVQ tokenizer: it encodes "
                     "audio but has no ASR head, so it cannot transcribe")
   if args.tokens:
-    out = Output(args.output, "index")
-    rows = [(i, r) for i, r in _token_lines(args.tokens) if i not in out.done]
+    out = batch_io.Output(args.output, "index")
+    rows = [(i, r) for i, r in batch_io.token_lines(args.tokens) if i not in out.done]
     items: Iterable = ({"index": i, **({"audio": r["audio"]} if "audio" in r else {}),
                         **({"error": r["error"]} if "error" in r else {}),
                         "tokens": r.get("tokens")} for i, r in rows)
     total = len(rows)
   else:
-    out = Output(args.output, "audio")
-    todo = [f for f in _inputs(args) if f not in out.done]
+    out = batch_io.Output(args.output, "audio")
+    todo = [f for f in batch_io.inputs(args) if f not in out.done]
     items = tok.encode_files(todo, mix_channels=args.mix_channels,
                              max_seconds=args.max_seconds)
     total = len(todo)
@@ -319,14 +233,14 @@ def cmd_transcribe(args: argparse.Namespace, overrides: Sequence[str]) -> int:
       out.write(row, "transcribe")
     group.clear()
 
-  for r in _progress(items, total, "input"):
+  for r in batch_io.progress(items, total, "input"):
     if "error" not in r and not isinstance(r.get("tokens"), list):
       r = dict(r, error=f"line {r.get('index', '?')}: no \"tokens\" list")
     group.append(r)
     if len(group) >= 32:
       flush()
   flush()
-  return _finish(out, total, "transcribe")
+  return batch_io.finish(out, total, "transcribe")
 
 
 # ---- Parser -----------------------------------------------------------------------------------
