@@ -10,6 +10,7 @@ import pathlib
 import ml_collections
 
 from sptlm import config as config_lib
+from sptlm import config_io
 from sptlm.config import ConfigError, check_at_least, check_choice, check_positive
 
 KIND = "data"
@@ -60,15 +61,15 @@ class DataPipelineConfig:
 
 
 def load(path: str | pathlib.Path, overrides: list[str] = ()) -> DataPipelineConfig:
-  cfg = config_lib.load_config_file(path)
-  config_lib.apply_overrides(cfg, list(overrides), DataPipelineConfig)
+  cfg = config_io.load_config_file(path)
+  config_io.apply_overrides(cfg, list(overrides), DataPipelineConfig)
   raw = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
   if raw.get("kind") != KIND:
     raise ConfigError(f"config kind {raw.get('kind')!r} is not a data config (kind = "
                       f"{KIND!r}); use configs/data_tiny.py or a file like it")
   if isinstance(raw.get("tasks"), dict):  # {name: {...}} reads better in a config file
     raw["tasks"] = [dict(spec, name=name) for name, spec in raw["tasks"].items()]
-  c = config_lib._convert(raw, DataPipelineConfig, "")
+  c = config_io.convert(raw, DataPipelineConfig, "")
   validate(c)
   return c
 

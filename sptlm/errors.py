@@ -23,3 +23,7 @@ class InputError(UserError, ValueError):
 
   Also a ValueError, so Python callers that catch that keep working.
   """
+
+
+class ConfigError(UserError, ValueError):
+  """A config file or override that cannot be used; the message names the key."""

@@ -19,7 +19,7 @@ if str(REPO_ROOT) not in sys.path:  # plain `pytest` from anywhere finds sptlm
 
 import pytest  # noqa: E402
 
-from sptlm import config  # noqa: E402
+from sptlm import config, config_io  # noqa: E402
 
 CONFIG_DIR = REPO_ROOT / "configs"
 
@@ -36,7 +36,7 @@ def config_files(kind: str = "lm") -> list[pathlib.Path]:
 def _kind(path: pathlib.Path) -> str:
   """A config file's `kind` key ("lm" when it has none)."""
   try:
-    return config.load_config_file(path).get("kind", "lm")
+    return config_io.load_config_file(path).get("kind", "lm")
   except config.ConfigError:
     return "lm"  # a broken file: let the LM config tests report it
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sptlm import config
+from sptlm import config, config_io
 
 TINY = pathlib.Path(__file__).resolve().parent.parent / "configs" / "tiny.py"
 
@@ -66,7 +66,7 @@ def test_unknown_key_is_an_error(override: str, key: str) -> None:
 
 
 def test_unknown_key_in_a_file_is_an_error() -> None:
-  raw = config.load_config_file(TINY)
+  raw = config_io.load_config_file(TINY)
   raw.train.bogus = 1
   with pytest.raises(config.ConfigError, match=r"train.*bogus"):
     config.from_config_dict(raw)
@@ -251,7 +251,7 @@ def test_mesh_that_does_not_fit_the_devices(sizes: dict[str, int], devices: int,
 
 
 def test_schedule_steps_defaults_to_zero_and_overrides_though_no_file_sets_it() -> None:
-  assert "schedule_steps" not in config.load_config_file(TINY).train
+  assert "schedule_steps" not in config_io.load_config_file(TINY).train
   assert config.load(TINY).train.schedule_steps == 0
   cfg = config.load(TINY, ["--config.train.schedule_steps=600"])
   assert cfg.train.schedule_steps == 600

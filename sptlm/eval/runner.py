@@ -129,6 +129,7 @@ def _eval_config(cfg: Any, overrides: Sequence[str], batch: int | None) -> Any:
   import ml_collections
 
   from sptlm import config as config_lib
+  from sptlm import config_io
   ecfg = cfg.eval
   if overrides:
     raw = ml_collections.ConfigDict({"eval": dataclasses.asdict(ecfg)})
@@ -136,8 +137,8 @@ def _eval_config(cfg: Any, overrides: Sequence[str], batch: int | None) -> Any:
       if not o.removeprefix("--").removeprefix("config.").startswith("eval."):
         raise config_lib.ConfigError(f"sptlm eval takes only --config.eval.KEY overrides, "
                                      f"not {o!r}")
-    config_lib.apply_overrides(raw, list(overrides))
-    ecfg = config_lib._convert(raw.eval.to_dict(), config_lib.EvalConfig, "eval")
+    config_io.apply_overrides(raw, list(overrides))
+    ecfg = config_io.convert(raw.eval.to_dict(), config_lib.EvalConfig, "eval")
     config_lib.validate_eval(ecfg)
   if batch:
     ecfg = dataclasses.replace(ecfg, batch=batch)

@@ -13,6 +13,7 @@ import typing
 import ml_collections
 
 from sptlm import config as config_lib
+from sptlm import config_io
 from sptlm.config import (ConfigError, MeshConfig, TrainConfig, check_at_least, check_choice,
                           check_positive, validate_mesh, validate_train)
 from sptlm.speech import augment as augment_lib
@@ -147,8 +148,8 @@ def from_config_dict(cfg: ml_collections.ConfigDict | dict) -> SpeechTokenizerCo
     raise ConfigError(f"config key 'kind' must be {KIND!r} for a speech tokenizer config, "
                       f"got {raw.get('kind')!r}")
   if isinstance(raw.get("mesh"), dict) and "rules" in raw["mesh"]:
-    raw["mesh"] = dict(raw["mesh"], rules=config_lib._normalize_rules(raw["mesh"]["rules"]))
-  c = config_lib._convert(raw, SpeechTokenizerConfig, "")
+    raw["mesh"] = dict(raw["mesh"], rules=config_io.normalize_rules(raw["mesh"]["rules"]))
+  c = config_io.convert(raw, SpeechTokenizerConfig, "")
   validate(c)
   return c
 
@@ -293,8 +294,8 @@ def validate(c: SpeechTokenizerConfig) -> None:
 
 def load(path: str | pathlib.Path, overrides: typing.Sequence[str] = ()) -> SpeechTokenizerConfig:
   """File + `--config.KEY=VALUE` overrides -> frozen config."""
-  cfg = config_lib.load_config_file(path)
-  config_lib.apply_overrides(cfg, list(overrides), SpeechTokenizerConfig)
+  cfg = config_io.load_config_file(path)
+  config_io.apply_overrides(cfg, list(overrides), SpeechTokenizerConfig)
   return from_config_dict(cfg)
 
 

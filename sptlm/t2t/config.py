@@ -14,6 +14,7 @@ import typing
 import ml_collections
 
 from sptlm import config as config_lib
+from sptlm import config_io
 from sptlm.t2t import units as units_lib
 from sptlm.config import (ConfigError, MeshConfig, ModelConfig, TrainConfig, VocabConfig,
                           check_at_least, check_choice, check_positive, validate_mesh, validate_train)
@@ -76,8 +77,8 @@ class T2TConfig:
 
 def load(path: str | pathlib.Path, overrides: list[str] = ()) -> T2TConfig:
   """File + overrides -> frozen T2TConfig."""
-  cfg = config_lib.load_config_file(path)
-  config_lib.apply_overrides(cfg, list(overrides), T2TConfig)
+  cfg = config_io.load_config_file(path)
+  config_io.apply_overrides(cfg, list(overrides), T2TConfig)
   return from_config_dict(cfg)
 
 
@@ -87,8 +88,8 @@ def from_config_dict(cfg: ml_collections.ConfigDict | dict) -> T2TConfig:
     raise ConfigError(f"config kind {raw.get('kind')!r} is not a t2t config (kind = {KIND!r}); "
                       "use configs/t2t_tiny.py or a file like it")
   if isinstance(raw.get("mesh"), dict) and "rules" in raw["mesh"]:
-    raw["mesh"] = dict(raw["mesh"], rules=config_lib._normalize_rules(raw["mesh"]["rules"]))
-  c = config_lib._convert(raw, T2TConfig, "")
+    raw["mesh"] = dict(raw["mesh"], rules=config_io.normalize_rules(raw["mesh"]["rules"]))
+  c = config_io.convert(raw, T2TConfig, "")
   validate(c)
   return c
 
@@ -131,4 +132,4 @@ def from_json(text: str) -> T2TConfig:
   return from_config_dict(json.loads(text))
 
 
-_ = typing  # (annotations above are resolved by sptlm.config._convert)
+_ = typing  # (annotations above are resolved by sptlm.config_io.convert)
