@@ -1,5 +1,6 @@
 """data.cache_features: a slow front end's features (moonshine_tiny) kept per clip on disk, and
-the batches read back from it equal to the batches computed directly."""
+the batches read back from it equal to the batches computed directly (moonshine_tiny_mel too,
+from the same files)."""
 
 import json
 import logging
@@ -10,6 +11,7 @@ import pytest
 import scipy.io.wavfile
 
 from sptlm.speech import config as config_lib
+from sptlm.speech import feature_cache
 from sptlm.speech import input as input_lib
 from sptlm.speech.augment import AugmentConfig
 from sptlm.speech.feature_cache import FeatureCache
@@ -38,10 +40,10 @@ def _corpus(root: pathlib.Path, clips: int = 6) -> tuple[ManifestSource, input_l
   return source, input_lib.Prepared(utts, np.asarray(tokens), labels, 0, 0)
 
 
-def _batches(source, data, cache, steps):
+def _batches(source, data, cache, steps, frontend=FRONTEND, num_mels=DIM):
   shapes = input_lib.bucket_shapes((2.0,), 4.0, 1)  # 2 clips a batch: 3 batches an epoch
-  it = input_lib.train_iterator(source, data, shapes, steps=steps, seed=3, num_mels=DIM,
-                                ctc_upsample=4, frontend=FRONTEND, cache=cache)
+  it = input_lib.train_iterator(source, data, shapes, steps=steps, seed=3, num_mels=num_mels,
+                                ctc_upsample=4, frontend=frontend, cache=cache)
   return [next(it) for _ in range(steps)]
 
 
@@ -67,6 +69,19 @@ def test_batches_from_the_cache_equal_the_batches_computed_directly(tmp_path):
   again = FeatureCache(tmp_path / "features", FRONTEND, DIM)  # a resumed run: all read back
   _assert_equal(_batches(source, data, again, 7), direct)
   assert again.misses == 0 and again.hits >= 14
+
+
+def test_the_hybrid_front_end_reads_moonshines_cache_and_adds_the_log_mel(tmp_path):
+  source, data = _corpus(tmp_path / "corpus")
+  hybrid = dict(frontend="moonshine_tiny_mel", num_mels=DIM + 128)
+  direct = _batches(source, data, None, 4, **hybrid)
+  assert direct[0]["mel"].shape[-1] == DIM + 128
+  first = FeatureCache(tmp_path / "features", FRONTEND, DIM)  # as a moonshine_tiny run left it
+  for u in data.utts:
+    first.get(source.path(u), source.load(u))
+  cache = FeatureCache(tmp_path / "features", *feature_cache.CACHED["moonshine_tiny_mel"])
+  _assert_equal(_batches(source, data, cache, 4, **hybrid), direct)
+  assert cache.misses == 0 and cache.hits >= 8
 
 
 def test_a_corrupt_or_misshapen_file_is_featurized_again(tmp_path):

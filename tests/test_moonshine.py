@@ -1,5 +1,6 @@
 """model.frontend='moonshine_tiny': Moonshine tiny's frozen ASR encoder (the ONNX Runtime file
-in moonshine-voice 0.0.73's wheel) in blocks, resampled to the 100 Hz frame grid."""
+in moonshine-voice 0.0.73's wheel) in blocks, resampled to the 100 Hz frame grid; and
+'moonshine_tiny_mel': that beside Whisper's log-mel, each through its own stem, summed."""
 
 import dataclasses
 import importlib.util
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from sptlm.speech import config as config_lib
-from sptlm.speech import moonshine, program, tokenizer
+from sptlm.speech import features, moonshine, program, tokenizer
 
 import test_speech_model  # noqa: E402  (tests/ is on sys.path)
 from test_speech_embedding import _speechlike, tiny_batch, train_steps  # noqa: E402
@@ -121,7 +122,10 @@ def test_train_steps_learn_and_leave_the_frozen_encoder_out_of_the_state():
 
 @pytest.mark.parametrize("overrides, match", [
     (["--config.model.num_mels=128"], "num_mels=288"),
-    (["--config.model.mel_norm_seconds=1.0"], "mel_norm_seconds=0"),
+    (["--config.model.mel_norm_seconds=1.0"], "mel_norm_seconds=1.0.*moonshine_tiny_mel"),
+    (["--config.model.frontend=moonshine_tiny_mel"], "num_mels=416"),
+    (["--config.model.frontend=moonshine_tiny_mel", "--config.model.num_mels=416",
+      "--config.model.causal_stem=True"], "causal_stem=False"),
     (["--config.data.augment.enabled=True", "--config.data.augment.warp_prob=0.5"],
      "warp_prob=0"),
     (["--config.data.augment.enabled=True", "--config.data.augment.eq_prob=0.5"], "eq_prob=0"),
@@ -149,3 +153,77 @@ def test_small_moonshine_config_is_the_small_model_on_the_moonshine_recipe():
   assert both.data == moon.data and not both.data.augment.enabled
   assert (both.vq, both.asr) == (small.vq, small.asr)
   assert both.train.learning_rate == small.train.learning_rate
+
+
+HYBRID = ["--config.model.frontend=moonshine_tiny_mel", "--config.model.num_mels=416"]
+
+
+def test_hybrid_features_are_moonshines_then_the_log_mel():
+  x = _speechlike(2.4, 7)
+  both = features.featurize(x[None], 416, "moonshine_tiny_mel")[0]
+  assert both.shape == (240, 416)
+  np.testing.assert_array_equal(both[:, :moonshine.DIM], moonshine.features(x))
+  np.testing.assert_array_equal(both[:, moonshine.DIM:], features.log_mel(x, 128))
+
+
+def test_hybrid_encoder_reads_both_stems_and_tokens_chunk_exactly(units):
+  """Both stems shape the output (changing either part of the features changes it), the reach
+  is Moonshine's, and windows give the whole file's tokens with the log-mel normalized."""
+  cfg = small_config(*HYBRID, "--config.model.mel_norm_seconds=0.4")
+  model = program.make_model(cfg, cfg.asr.units)
+  d = cfg.model.d_model
+  assert model.conv1.kernel.value.shape == (3, 128, d)
+  assert model.embed_proj.kernel.value.shape == (moonshine.DIM, d)
+  assert model.receptive_seconds == pytest.approx(2 * (0.2 + 0.02) + 6.4 + 0.08 + 0.2)
+
+  audio = _speechlike(9.6, 6)
+  feats = features.featurize(audio[None], 416, "moonshine_tiny_mel")[0]
+  n = len(feats) // 8
+  valid = jnp.ones((1, n), bool)
+
+  def encode(f):
+    return np.asarray(model.encode(jnp.asarray(f[None]), valid).h_BxNxD[0])
+
+  base = encode(feats)
+  for part in (slice(0, moonshine.DIM), slice(moonshine.DIM, None)):
+    changed = feats.copy()
+    changed[:, part] = 0.0
+    assert np.abs(encode(changed) - base).max() > 1e-3, part
+
+  proj = jnp.asarray(np.random.default_rng(3).normal(size=(d, 16)), jnp.float32)
+  center = base.mean(0)
+
+  @jax.jit
+  def tokens(mel_BxFxM, valid_BxN):  # the encoder, quantized to 16 random directions
+    return jnp.argmax((model.encode(mel_BxFxM, valid_BxN > 0).h_BxNxD - center) @ proj, -1)
+
+  whole = np.asarray(tokens(feats[None], np.ones((1, n), np.int32)))[0]
+  assert len(set(whole.tolist())) > 5
+  chunked = tokenizer.run_windows(tokenizer.plan_windows(n, 40, 12), [feats], 8, tokens,
+                                  batch=4, max_window=40)[0]
+  np.testing.assert_array_equal(chunked, whole)
+
+  _, params, vq_state = program.split(program.make_model(cfg, cfg.asr.units))
+  tok = tokenizer.SpeechTokenizer(cfg, units, params, vq_state)
+  x = audio[:20 * 1280]
+  codes = tok.encode([x, np.tile(x, 2)])
+  np.testing.assert_array_equal(codes[0], tok.encode([x])[0])
+  assert len(codes[1]) == 40
+
+
+def test_hybrid_train_steps_learn_with_the_log_mel_stem_in_the_state():
+  cfg = small_config(*HYBRID, "--config.train.steps=8", "--config.train.warmup_steps=1")
+  batch = tiny_batch(cfg)
+  assert batch["mel"].shape == (4, 256, 416)
+  losses = train_steps(cfg, batch, convs=True)
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+def test_small_moonshine_mel_config_differs_only_in_the_front_end():
+  configs = CONFIG.parent
+  moon = config_lib.load(configs / "speech_tokenizer_small_moonshine.py")
+  both = config_lib.load(configs / "speech_tokenizer_small_moonshine_mel.py")
+  assert both.model == dataclasses.replace(moon.model, frontend="moonshine_tiny_mel",
+                                           num_mels=416)
+  assert (both.data, both.vq, both.asr, both.train) == (moon.data, moon.vq, moon.asr, moon.train)
+

@@ -151,16 +151,17 @@ def tiny_batch(cfg: config_lib.SpeechTokenizerConfig) -> dict[str, np.ndarray]:
   return batch
 
 
-def train_steps(cfg: config_lib.SpeechTokenizerConfig, batch: dict[str, np.ndarray]
-                ) -> list[float]:
-  """Six steps on one batch: their CTC losses; the frozen front end has no parameters."""
+def train_steps(cfg: config_lib.SpeechTokenizerConfig, batch: dict[str, np.ndarray],
+                convs: bool = False) -> list[float]:
+  """Six steps on one batch: their CTC losses; the frozen front end has no parameters (the
+  state has a log-mel conv stem only where `convs`)."""
   from sptlm import sharding
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   prog = program.build(cfg, mesh, cfg.asr.units)
   state = prog.init()
   names = {"/".join(map(str, path)) for path, _ in
            jax.tree_util.tree_flatten_with_path(state["params"])[0]}
-  assert any("embed_proj" in k for k in names) and not any("conv1" in k for k in names)
+  assert any("embed_proj" in k for k in names) and any("conv1" in k for k in names) == convs
   batch = {k: v for k, v in batch.items() if k != "audios"}
   losses = []
   for _ in range(6):

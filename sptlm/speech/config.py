@@ -24,8 +24,10 @@ POSITIONS = ("sinusoid", "rope")  # model.positions (sptlm.speech.model)
 # model.frontend: Whisper's 128-bin log-mel into a trained conv stem, or Google's frozen
 # speech_embedding (sptlm.speech.speech_embedding; 32 bins) pre-trained on real speech, its
 # output or (speech_embedding_pool4) a finer, less abstract layer of it, or the frozen encoder
-# of Moonshine tiny, an ASR model trained on real speech (sptlm.speech.moonshine; 288-d)
-FRONTENDS = ("whisper_mel", "speech_embedding", "speech_embedding_pool4", "moonshine_tiny")
+# of Moonshine tiny, an ASR model trained on real speech (sptlm.speech.moonshine; 288-d), or
+# that and Whisper's log-mel side by side (moonshine_tiny_mel; 288 + 128)
+FRONTENDS = ("whisper_mel", "speech_embedding", "speech_embedding_pool4", "moonshine_tiny",
+             "moonshine_tiny_mel")
 UNIT_TYPES = ("char", "unigram")  # asr.unit_type: SentencePiece model types (sptlm.speech.units)
 
 
@@ -67,6 +69,7 @@ class EncoderConfig:
   # conv1 -> conv2) or "speech_embedding" (32-bin log-mel -> a frozen CNN pre-trained on real
   # speech, 96-d at 12.5 Hz -> layer norm -> one linear map per 50 Hz phase) or
   # "moonshine_tiny" (Moonshine's frozen ASR encoder, 288-d -> 50 Hz -> layer norm -> linear)
+  # or "moonshine_tiny_mel" (both stems summed: Moonshine's, and a 128-bin log-mel's convs)
   frontend: str = "whisper_mel"
 
 
@@ -237,14 +240,19 @@ def validate(c: SpeechTokenizerConfig) -> None:
       raise ConfigError(f"model.frontend={m.frontend!r} sees 380 ms ahead and normalizes "
                         "nothing: set model.mel_norm_seconds=0, model.causal_stem=False and "
                         "model.block_causal_seconds=0")
-  if m.frontend == "moonshine_tiny":
-    if m.num_mels != 288:
-      raise ConfigError(f"model.num_mels={m.num_mels}: model.frontend='moonshine_tiny' gives "
-                        "288-d features; set model.num_mels=288")
-    if m.mel_norm_seconds or m.causal_stem or m.block_causal_seconds:
-      raise ConfigError("model.frontend='moonshine_tiny' encodes 5.12 s blocks with 1.28 s "
-                        "of context and has no mel: set model.mel_norm_seconds=0, "
-                        "model.causal_stem=False and model.block_causal_seconds=0")
+  if m.frontend.startswith("moonshine_tiny"):
+    hybrid = m.frontend == "moonshine_tiny_mel"
+    width = 288 + 128 if hybrid else 288
+    if m.num_mels != width:
+      raise ConfigError(f"model.num_mels={m.num_mels}: model.frontend={m.frontend!r} gives "
+                        f"{width}-d features; set model.num_mels={width}")
+    if m.causal_stem or m.block_causal_seconds:
+      raise ConfigError(f"model.frontend={m.frontend!r} encodes 5.12 s blocks with 1.28 s of "
+                        "context: set model.causal_stem=False and model.block_causal_seconds=0")
+    if m.mel_norm_seconds and not hybrid:
+      raise ConfigError(f"model.mel_norm_seconds={m.mel_norm_seconds}: model.frontend="
+                        "'moonshine_tiny' has no log-mel to normalize; set it to 0 (or use "
+                        "'moonshine_tiny_mel')")
   if m.conv_kernel < 0 or (m.conv_kernel and m.conv_kernel % 2 == 0):
     raise ConfigError(f"model.conv_kernel={m.conv_kernel} must be 0 (off) or odd")
   if not 0 <= m.token_rate_layers <= m.layers_after_vq:

@@ -1,7 +1,7 @@
 """Each training clip's input features kept on disk, for a front end that costs about as much as
 the train step itself and audio that is the same every epoch.
 
-model.frontend='moonshine_tiny' runs Moonshine's encoder in the input pipeline: about 0.29 CPU
+model.frontend='moonshine_tiny' (and '_mel') runs Moonshine's encoder in the input pipeline: about 0.29 CPU
 seconds per 32 s batch on this project's 2-core reference machine (0.007 read back; the tiny
 recipe trains at 2.09 steps/s instead of 1.78, BENCHMARKS.md). With data.augment off a clip's
 features never change, so after the first epoch they are read back instead
@@ -26,7 +26,11 @@ import numpy as np
 from sptlm.speech import features
 
 log = logging.getLogger(__name__)
-SLOW_FRONTENDS = ("moonshine_tiny",)  # the others cost about 2% of a step: not worth the disk
+# model.frontend -> the slow part of its features that is cached: (front end, width). The
+# others cost about 2% of a step: not worth the disk. "moonshine_tiny_mel" appends the log-mel
+# to Moonshine's features in the batch (features.with_mel), so both share one cache.
+CACHED = {"moonshine_tiny": ("moonshine_tiny", features.MOONSHINE_DIM),
+          "moonshine_tiny_mel": ("moonshine_tiny", features.MOONSHINE_DIM)}
 
 
 def bytes_per_second(num_mels: int) -> int:

@@ -95,14 +95,29 @@ def log_mel(audio_BxS: np.ndarray, num_mels: int = 128) -> np.ndarray:
   return out[0] if single else out
 
 
+MOONSHINE_DIM = 288  # sptlm.speech.moonshine.DIM (kept here so features need not import it)
+HYBRID_MELS = 128  # model.frontend="moonshine_tiny_mel": Whisper's bins after Moonshine's 288
+
+
 def featurize(audio_BxS: np.ndarray, num_mels: int, frontend: str = "whisper_mel",
               lengths_B: np.ndarray | None = None) -> np.ndarray:
   """The model's input features (model.frontend): [B, S // 160, num_mels] each way.
   `lengths_B`: where each row's audio ends (the Moonshine encoder must not see the padding)."""
-  if frontend == "moonshine_tiny":
+  if frontend in ("moonshine_tiny", "moonshine_tiny_mel"):
     from sptlm.speech import moonshine  # pylint: disable=import-outside-toplevel
-    return moonshine.features(audio_BxS, lengths_B)
+    moon = moonshine.features(audio_BxS, lengths_B)
+    return moon if frontend == "moonshine_tiny" else with_mel(moon, audio_BxS, frontend)
   if frontend.startswith("speech_embedding"):
     from sptlm.speech import speech_embedding  # pylint: disable=import-outside-toplevel
     return speech_embedding.log_mel(audio_BxS)
   return log_mel(audio_BxS, num_mels)
+
+
+def with_mel(moon_BxFxE: np.ndarray, audio_BxS: np.ndarray, frontend: str) -> np.ndarray:
+  """"moonshine_tiny_mel"'s features from Moonshine's (computed or cached) and the audio:
+  [B, F, 288 + 128], Moonshine's first. The log-mel is cheap, so only Moonshine's part is cached
+  (sptlm.speech.feature_cache) and the same cache serves both front ends."""
+  if frontend != "moonshine_tiny_mel":
+    return moon_BxFxE
+  mel = log_mel(audio_BxS, HYBRID_MELS)
+  return np.concatenate([moon_BxFxE, mel[:, :moon_BxFxE.shape[1]]], axis=-1)

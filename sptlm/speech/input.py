@@ -208,10 +208,11 @@ def make_batch(audios: Sequence[np.ndarray], labels: Sequence[np.ndarray], n: in
   lengths = [min(len(x), n * features.SAMPLES_PER_TOKEN) for x in audios]
   if feats is None:
     mel = features.featurize(samples, num_mels, frontend, np.asarray(lengths))
-  else:
-    mel = np.zeros((b, n * features.FRAMES_PER_TOKEN, num_mels), np.float32)
+  else:  # the cached part (Moonshine's), completed as featurize would (features.with_mel)
+    mel = np.zeros((b, n * features.FRAMES_PER_TOKEN, feats[0].shape[-1]), np.float32)
     for r, f in enumerate(feats):
       mel[r, :len(f)] = f[:n * features.FRAMES_PER_TOKEN]
+    mel = features.with_mel(mel, samples, frontend)
   mel *= np.repeat(valid, features.FRAMES_PER_TOKEN, axis=1)[:, :, None]
   return {"mel": mel, "valid": valid, "labels": lab, "label_paddings": lab_pad,
           "engine": engine}

@@ -6,7 +6,9 @@
     (model.frontend="speech_embedding" instead: 32-bin log-mel -> frozen speech_embedding CNN
      [B, N, 96] -> layer norm -> one linear map per 50 Hz phase                [B, 4N, D];
      "moonshine_tiny": Moonshine's frozen ASR encoder [B, 8N, 288] (computed in the input
-     pipeline) -> mean of frame pairs -> layer norm -> linear                   [B, 4N, D])
+     pipeline) -> mean of frame pairs -> layer norm -> linear                   [B, 4N, D];
+     "moonshine_tiny_mel": both, summed: Moonshine's 288 as above + the last 128 bins
+     (log-mel) through conv1 -> conv2                                            [B, 4N, D])
     -> layers_before_vq (pre-LN transformer layers; positions=rope: rotary q, k instead)
     -> average pooling x4                                                     [B, N, D] (12.5 Hz)
     -> vector quantizer (EMA codebook)           => the tokens: codes [B, N] in [0, K)
@@ -239,7 +241,7 @@ def receptive_seconds(cfg: EncoderConfig) -> float:
   if not cfg.attention_window_seconds and cfg.layers_before_vq:
     return float("inf")
   conv = 0.02 * (cfg.conv_kernel // 2)  # each layer's depthwise convolution reaches this far
-  stem = (moonshine.RECEPTIVE_SECONDS if cfg.frontend == "moonshine_tiny" else
+  stem = (moonshine.RECEPTIVE_SECONDS if cfg.frontend.startswith("moonshine_tiny") else
           speech_embedding.RECEPTIVE_SECONDS if _embedding_layer(cfg) else 0.03)
   return (cfg.layers_before_vq * (cfg.attention_window_seconds + conv) + stem + 0.02 * cfg.pool
           + cfg.mel_norm_seconds / 2)
@@ -291,10 +293,14 @@ class SpeechTokenizerModel(nnx.Module):
       self.embed_layer_norm = LayerNorm(dim, cfg, rngs=rngs)
       self.embed_proj = Linear(dim, (cfg.pool, d), (None, None, "embed"), cfg, bias=True,
                                rngs=rngs)
-    elif cfg.frontend == "moonshine_tiny":  # frozen encoder's features (input) -> LN -> linear
-      self.conv1 = self.conv2 = None
+    elif cfg.frontend.startswith("moonshine_tiny"):  # frozen encoder's features -> LN -> linear
       self.embed_layer_norm = LayerNorm(moonshine.DIM, cfg, rngs=rngs)
       self.embed_proj = Linear(moonshine.DIM, (d,), (None, "embed"), cfg, bias=True, rngs=rngs)
+      if cfg.frontend == "moonshine_tiny_mel":  # + the log-mel's own conv stem, summed
+        self.conv1 = Conv1d(cfg.num_mels - moonshine.DIM, d, 1, cfg, rngs=rngs)
+        self.conv2 = Conv1d(d, d, 2, cfg, rngs=rngs)
+      else:
+        self.conv1 = self.conv2 = None
     else:
       self.conv1 = Conv1d(cfg.num_mels, d, 1, cfg, rngs=rngs)
       self.conv2 = Conv1d(d, d, 2, cfg, rngs=rngs)
@@ -346,12 +352,22 @@ class SpeechTokenizerModel(nnx.Module):
     cfg = self.cfg
     dt = DTYPES[cfg.dtype]
     b, n = valid_BxN.shape
-    if cfg.mel_norm_seconds:
+    hybrid = cfg.frontend == "moonshine_tiny_mel"
+    if hybrid:  # [B, 8N, 288 + 128]: Moonshine's features, then the log-mel
+      mel_BxFxM, logmel_BxFxM = mel_BxFxM[..., :moonshine.DIM], mel_BxFxM[..., moonshine.DIM:]
+    if cfg.mel_norm_seconds:  # the log-mel's bins only (a hybrid's Moonshine part is left)
       half = round(cfg.mel_norm_seconds * 50)  # 100 Hz frames each way
-      mel_BxFxM = normalize_mel(mel_BxFxM, jnp.repeat(valid_BxN, FRAMES_PER_TOKEN, axis=1), half)
-    if cfg.frontend == "moonshine_tiny":  # [B, 8N, 288] at 100 Hz -> [B, 4N, D] at 50 Hz
+      valid_BxF = jnp.repeat(valid_BxN, FRAMES_PER_TOKEN, axis=1)
+      if hybrid:
+        logmel_BxFxM = normalize_mel(logmel_BxFxM, valid_BxF, half)
+      else:
+        mel_BxFxM = normalize_mel(mel_BxFxM, valid_BxF, half)
+    if cfg.frontend.startswith("moonshine_tiny"):  # [B, 8N, 288] at 100 Hz -> [B, 4N, D] 50 Hz
       f_BxTx2xE = mel_BxFxM.reshape(b, -1, 2, moonshine.DIM).astype(jnp.float32)
       x_BxTxD = self.embed_proj(self.embed_layer_norm(f_BxTx2xE.mean(axis=2).astype(dt)))
+      if hybrid:
+        x = jax.nn.gelu(self.conv1(logmel_BxFxM.astype(dt)), approximate=False)
+        x_BxTxD = x_BxTxD + jax.nn.gelu(self.conv2(x), approximate=False)
     elif self.embed_proj is not None:  # [B, N, 96] -> [B, N, pool, D] -> [B, 4N, D]
       valid_BxF = jnp.repeat(valid_BxN, FRAMES_PER_TOKEN, axis=1)
       e_BxNxE = jax.lax.stop_gradient(

@@ -82,15 +82,15 @@ def _feature_cache(cfg: SpeechTokenizerConfig, cache: epath.Path, data: input_li
   """data.cache_features: a slow front end's features kept under CACHE/features, when the
   training audio is the same every epoch (no augmentation) and CACHE is a local directory."""
   d, m = cfg.data, cfg.model
-  if not d.cache_features or d.augment.enabled or m.frontend not in feature_cache.SLOW_FRONTENDS:
+  if not d.cache_features or d.augment.enabled or m.frontend not in feature_cache.CACHED:
     return None
   if "://" in str(cache):
     log.info("feature cache off: %s is not a local directory (set data.cache_dir to one)", cache)
     return None
-  feats = feature_cache.FeatureCache(pathlib.Path(str(cache)) / "features", m.frontend,
-                                     m.num_mels)
+  frontend, width = feature_cache.CACHED[m.frontend]
+  feats = feature_cache.FeatureCache(pathlib.Path(str(cache)) / "features", frontend, width)
   log.info("feature cache: %s (up to %.1f GB for the %.2f h of %s)", feats.directory,
-           data.hours * 3600 * feature_cache.bytes_per_second(m.num_mels) / 1e9, data.hours,
+           data.hours * 3600 * feature_cache.bytes_per_second(width) / 1e9, data.hours,
            d.train_split)
   return feats
 
