@@ -7,16 +7,16 @@ import importlib.util
 import math
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sptlm.speech import config as config_lib
-from sptlm.speech import features, moonshine, program, tokenizer
+from sptlm.speech import features, moonshine, program
 
 import test_speech_model  # noqa: E402  (tests/ is on sys.path)
-from test_speech_embedding import _speechlike, tiny_batch, train_steps  # noqa: E402
+from test_speech_embedding import (_speechlike, check_windows_and_batching,  # noqa: E402
+                                   tiny_batch, train_steps)
 from test_speech_model import units  # noqa: F401,E402  (the module's fixture)
 
 pytest.importorskip("onnxruntime")
@@ -86,27 +86,7 @@ def test_encoder_layout_reach_and_chunked_tokens(units):
 
   audio = _speechlike(9.6, 6)
   feats = moonshine.features(audio)
-  n = len(feats) // 8
-  h = model.encode(jnp.asarray(feats[None]), jnp.ones((1, n), bool)).h_BxNxD
-  proj = jnp.asarray(np.random.default_rng(3).normal(size=(cfg.model.d_model, 16)), jnp.float32)
-  center = h[0].mean(0)
-
-  @jax.jit
-  def tokens(mel_BxFxM, valid_BxN):  # the encoder, quantized to 16 random directions
-    return jnp.argmax((model.encode(mel_BxFxM, valid_BxN > 0).h_BxNxD - center) @ proj, -1)
-
-  whole = np.asarray(tokens(feats[None], np.ones((1, n), np.int32)))[0]
-  assert len(set(whole.tolist())) > 5
-  chunked = tokenizer.run_windows(tokenizer.plan_windows(n, 40, 8), [feats], 8, tokens,
-                                  batch=4, max_window=40)[0]
-  np.testing.assert_array_equal(chunked, whole)
-
-  _, params, vq_state = program.split(program.make_model(cfg, cfg.asr.units))
-  tok = tokenizer.SpeechTokenizer(cfg, units, params, vq_state)
-  x = audio[:20 * 1280]
-  codes = tok.encode([x, np.tile(x, 2)])
-  np.testing.assert_array_equal(codes[0], tok.encode([x])[0])
-  assert len(codes[1]) == 40
+  check_windows_and_batching(cfg, units, model, audio, feats, 8)
 
 
 def test_train_steps_learn_and_leave_the_frozen_encoder_out_of_the_state():
@@ -190,25 +170,7 @@ def test_hybrid_encoder_reads_both_stems_and_tokens_chunk_exactly(units):
     changed[:, part] = 0.0
     assert np.abs(encode(changed) - base).max() > 1e-3, part
 
-  proj = jnp.asarray(np.random.default_rng(3).normal(size=(d, 16)), jnp.float32)
-  center = base.mean(0)
-
-  @jax.jit
-  def tokens(mel_BxFxM, valid_BxN):  # the encoder, quantized to 16 random directions
-    return jnp.argmax((model.encode(mel_BxFxM, valid_BxN > 0).h_BxNxD - center) @ proj, -1)
-
-  whole = np.asarray(tokens(feats[None], np.ones((1, n), np.int32)))[0]
-  assert len(set(whole.tolist())) > 5
-  chunked = tokenizer.run_windows(tokenizer.plan_windows(n, 40, 12), [feats], 8, tokens,
-                                  batch=4, max_window=40)[0]
-  np.testing.assert_array_equal(chunked, whole)
-
-  _, params, vq_state = program.split(program.make_model(cfg, cfg.asr.units))
-  tok = tokenizer.SpeechTokenizer(cfg, units, params, vq_state)
-  x = audio[:20 * 1280]
-  codes = tok.encode([x, np.tile(x, 2)])
-  np.testing.assert_array_equal(codes[0], tok.encode([x])[0])
-  assert len(codes[1]) == 40
+  check_windows_and_batching(cfg, units, model, audio, feats, 12)
 
 
 def test_hybrid_train_steps_learn_with_the_log_mel_stem_in_the_state():

@@ -99,6 +99,34 @@ def test_padding_frames_read_as_silence():
   np.testing.assert_allclose(masked, speech_embedding.embed(jnp.asarray(silenced)), atol=1e-5)
 
 
+def check_windows_and_batching(cfg, units, model, audio: np.ndarray, feats: np.ndarray,
+                               context: int) -> None:
+  """The encoder quantized to 16 random directions gives a whole file's tokens in 40-token
+  windows with `context` tokens either side; the tokenizer's batching with a longer clip
+  changes nothing."""
+  n = len(feats) // 8
+  h = model.encode(jnp.asarray(feats[None]), jnp.ones((1, n), bool)).h_BxNxD
+  proj = jnp.asarray(np.random.default_rng(3).normal(size=(cfg.model.d_model, 16)), jnp.float32)
+  center = h[0].mean(0)
+
+  @jax.jit
+  def tokens(mel_BxFxM, valid_BxN):
+    return jnp.argmax((model.encode(mel_BxFxM, valid_BxN > 0).h_BxNxD - center) @ proj, -1)
+
+  whole = np.asarray(tokens(feats[None], np.ones((1, n), np.int32)))[0]
+  assert len(set(whole.tolist())) > 5
+  chunked = tokenizer.run_windows(tokenizer.plan_windows(n, 40, context), [feats], 8, tokens,
+                                  batch=4, max_window=40)[0]
+  np.testing.assert_array_equal(chunked, whole)
+
+  _, params, vq_state = program.split(program.make_model(cfg, cfg.asr.units))
+  tok = tokenizer.SpeechTokenizer(cfg, units, params, vq_state)
+  x = audio[:20 * 1280]
+  codes = tok.encode([x, np.tile(x, 2)])
+  np.testing.assert_array_equal(codes[0], tok.encode([x])[0])
+  assert len(codes[1]) == 40
+
+
 @pytest.mark.parametrize("frontend, dim", [("speech_embedding", 96),
                                            ("speech_embedding_pool4", 384)])
 def test_encoder_layout_reach_and_chunked_tokens(units, frontend, dim):
@@ -113,30 +141,8 @@ def test_encoder_layout_reach_and_chunked_tokens(units, frontend, dim):
 
   audio = _speechlike(9.6, 3)
   mel = speech_embedding.log_mel(audio)
-  n = len(mel) // 8
-  valid = jnp.ones((1, n), bool)
-  h = model.encode(jnp.asarray(mel[None]), valid).h_BxNxD
-  rng = np.random.default_rng(3)
-  proj = jnp.asarray(rng.normal(size=(cfg.model.d_model, 16)), jnp.float32)
-  center = h[0].mean(0)
-
-  @jax.jit
-  def tokens(mel_BxFxM, valid_BxN):  # the encoder, quantized to 16 random directions
-    return jnp.argmax((model.encode(mel_BxFxM, valid_BxN > 0).h_BxNxD - center) @ proj, -1)
-
-  whole = np.asarray(tokens(mel[None], np.ones((1, n), np.int32)))[0]
-  assert len(set(whole.tolist())) > 5
   context = math.ceil(model.receptive_seconds * 12.5)
-  chunked = tokenizer.run_windows(tokenizer.plan_windows(n, 40, context), [mel], 8, tokens,
-                                  batch=4, max_window=40)[0]
-  np.testing.assert_array_equal(chunked, whole)
-
-  _, params, vq_state = program.split(program.make_model(cfg, cfg.asr.units))
-  tok = tokenizer.SpeechTokenizer(cfg, units, params, vq_state)
-  x = audio[:20 * 1280]
-  codes = tok.encode([x, np.tile(x, 2)])
-  np.testing.assert_array_equal(codes[0], tok.encode([x])[0])
-  assert len(codes[1]) == 40
+  check_windows_and_batching(cfg, units, model, audio, mel, context)
 
 
 def tiny_batch(cfg: config_lib.SpeechTokenizerConfig) -> dict[str, np.ndarray]:

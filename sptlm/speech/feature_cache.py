@@ -1,12 +1,12 @@
 """Each training clip's input features kept on disk, for a front end that costs about as much as
 the train step itself and audio that is the same every epoch.
 
-model.frontend='moonshine_tiny' (and '_mel') runs Moonshine's encoder in the input pipeline: about 0.29 CPU
-seconds per 32 s batch on this project's 2-core reference machine (0.007 read back; the tiny
-recipe trains at 2.09 steps/s instead of 1.78, BENCHMARKS.md). With data.augment off a clip's
-features never change, so after the first epoch they are read back instead
-(`data.cache_features`). A clip is featurized alone, padded to
-its last whole token; Moonshine's features of a clip are the same alone and in a padded batch,
+model.frontend='moonshine_tiny' (and '_mel') runs Moonshine's encoder in the input pipeline:
+about 0.29 CPU seconds per 32 s batch on this project's 2-core reference machine (0.007 read
+back; the tiny recipe trains at 2.09 steps/s instead of 1.78, BENCHMARKS.md). With data.augment
+off a clip's features never change, so after the first epoch they are read back instead
+(`data.cache_features`). A clip is featurized alone, padded to its last whole token;
+Moonshine's features of a clip are the same alone and in a padded batch,
 so a batch from the cache equals the batch computed directly, bit for bit.
 
 Files are keyed by the audio file (resolved path, size, modification time), the front end and
