@@ -1,8 +1,8 @@
 """Experiment configs: `get_config()` files, command-line overrides, frozen dataclasses.
 
 A config file returns an `ml_collections.ConfigDict`; the CLI applies `--config.KEY=VALUE`
-overrides and converts it once (sptlm.config_io) into the frozen dataclasses below. Every key must be
-known and every value of the declared type, so a typo fails at start-up, not mid-run.
+overrides and converts it once (sptlm.config_io) into the frozen dataclasses below. Every key
+must be known and every value of the declared type, so a typo fails at start-up, not mid-run.
 """
 
 import dataclasses
@@ -110,6 +110,9 @@ class TrainConfig:
   init_from: str  # a checkpoint directory to start from ("" for random init)
   # length of the learning-rate plan; 0: train.steps (see README: extending a run)
   schedule_steps: int = 0
+  # with init_from: arrays the checkpoint lacks (a new stem or head) keep their fresh init;
+  # those it has must still match in shape (False: the checkpoint must fit exactly)
+  init_partial: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +209,8 @@ def validate_train(t: TrainConfig) -> None:
   check_at_least("train.eps", t.eps, 0.0)
   check_at_least("train.weight_decay", t.weight_decay, 0.0)
   check_positive("train.clip_norm", t.clip_norm)
+  if t.init_partial and not t.init_from:
+    raise ConfigError("train.init_partial=True needs train.init_from (the run to start from)")
 
 
 def check_mesh_sizes(sizes: dict[str, int]) -> None:

@@ -284,7 +284,7 @@ def train(cfg: SpeechTokenizerConfig, workdir: str) -> dict[str, Any]:
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=tcfg.keep_checkpoints,
                                      async_save=tcfg.async_checkpoints)
   start_step, state = loop.restore_or_init(ckpt, program, data_iter, tcfg.init_from,
-                                           ("params", "vq"), config_json)
+                                           ("params", "vq"), config_json, tcfg.init_partial)
   loop.write_config(workdir, config_json, start_step)  # only now: the checkpoint fits
   if loop.already_complete(tcfg, start_step):
     ckpt.close()

@@ -135,7 +135,7 @@ def train(cfg: T2TConfig, workdir: str) -> dict[str, Any]:
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=tcfg.keep_checkpoints,
                                      async_save=tcfg.async_checkpoints)
   start_step, state = loop.restore_or_init(ckpt, program, data_iter, tcfg.init_from,
-                                           ("params",), config_json)
+                                           ("params",), config_json, tcfg.init_partial)
   loop.write_config(workdir, config_json, start_step)
   if jax.process_index() == 0:
     (epath.Path(workdir) / pairs_lib.TOKENIZER_FILE).write_text(json.dumps(ident, indent=2))

@@ -25,7 +25,7 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grain
@@ -189,14 +189,20 @@ class _Leaf:
   dtype: str
 
 
-def _leaves(tree: Any) -> list[_Leaf]:
-  def name(k: Any) -> str:
-    for attr in ("key", "idx", "name"):
-      if hasattr(k, attr):
-        return str(getattr(k, attr))
-    return str(k)
+def _key_name(k: Any) -> str:
+  for attr in ("key", "idx", "name"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
 
-  return [_Leaf("/".join(name(k) for k in path), tuple(getattr(leaf, "shape", ())),
+
+def leaf_name(path: Sequence[Any]) -> str:
+  """A tree path as "params/layers/0/kernel": the same for a saved and a live tree."""
+  return "/".join(_key_name(k) for k in path)
+
+
+def _leaves(tree: Any) -> list[_Leaf]:
+  return [_Leaf(leaf_name(path), tuple(getattr(leaf, "shape", ())),
                 str(getattr(leaf, "dtype", type(leaf).__name__)))
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
@@ -339,6 +345,41 @@ class Checkpointer:
     restored = self._read(step, lambda: self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state))))
     return restored["state"]
+
+  def restore_matching(self, step: int, abstract_state: Any, prefixes: tuple[str, ...]
+                       ) -> tuple[dict[str, jax.Array], list[str]]:
+    """(name -> array for each leaf under `prefixes` that the checkpoint holds, the names it
+    lacks): train.init_partial. A leaf it holds in another shape or dtype is a mismatch."""
+    path = self.directory / str(step) / "state"
+    saved = retry(lambda: ocp.StandardCheckpointHandler().metadata(path),
+                  f"reading the metadata of {path}", delay_s=self.retry_delay_s)
+    saved = getattr(saved, "tree", saved)
+    want = {x.path: x for x in _leaves(abstract_state) if x.path.startswith(prefixes)}
+    sharding = {leaf_name(p): leaf.sharding for p, leaf in
+                jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    item: dict[Any, Any] = {}
+    for p, meta in jax.tree_util.tree_flatten_with_path(saved)[0]:
+      name, w = leaf_name(p), want.get(leaf_name(p))
+      if w is None:
+        continue
+      got = _Leaf(name, tuple(meta.shape), str(meta.dtype))
+      if (got.shape, got.dtype) != (w.shape, w.dtype):
+        raise CheckpointMismatch(
+            f"checkpoint {self.directory / str(step)}: {name} is {got.shape} {got.dtype} there "
+            f"but {w.shape} {w.dtype} in the config; train.init_partial only adds arrays")
+      node = item
+      for k in p[:-1]:
+        node = node.setdefault(_key_name(k), {})
+      node[_key_name(p[-1])] = jax.ShapeDtypeStruct(w.shape, meta.dtype, sharding=sharding[name])
+    if not item:
+      raise CheckpointMismatch(f"checkpoint {self.directory / str(step)} holds none of the "
+                               f"config's {', '.join(prefixes)} arrays")
+    restored = self._read(step, lambda: ocp.PyTreeCheckpointer().restore(
+        path, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)))
+    got = {leaf_name(p): a for p, a in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    return got, sorted(set(want) - set(got))
 
   def _read(self, step: int, fn: Callable[[], T]) -> T:
     try:

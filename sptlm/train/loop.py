@@ -129,12 +129,13 @@ def planned_steps(tcfg: TrainConfig, workdir: str) -> TrainConfig:
 
 def restore_or_init(ckpt: checkpoint_lib.Checkpointer, program: Program, data_iter: Any,
                     init_from: str, keys: Sequence[str],
-                    config_json: str = "") -> tuple[int, State]:
+                    config_json: str = "", partial: bool = False) -> tuple[int, State]:
   """(start step, state): the work directory's newest good checkpoint, with `data_iter` set to
   its position; else a fresh state with `keys` (e.g. "params") copied from the newest
   checkpoint in `init_from`, when given; else a fresh state. A checkpoint that does not fit
   the config raises CheckpointMismatch (naming the differing keys of `config_json`) before
-  anything is written."""
+  anything is written. With `partial` (train.init_partial), `init_from`'s arrays are copied
+  where the config has them and the config's other arrays keep their fresh init."""
   restored = ckpt.restore(program.abstract_state, data_iter,
                           json.loads(config_json) if config_json else None)
   if restored is not None:
@@ -147,10 +148,17 @@ def restore_or_init(ckpt: checkpoint_lib.Checkpointer, program: Program, data_it
     step = src.latest_step()
     if step is None:
       raise TrainingError(f"train.init_from={init_from!r} holds no checkpoint")
-    loaded = src.restore_state(step, program.abstract_state)
-    state = dict(state, **{k: loaded[k] for k in keys})
+    if partial:
+      got, fresh = src.restore_matching(step, program.abstract_state, tuple(keys))
+      state = jax.tree_util.tree_map_with_path(
+          lambda p, x: got.get(checkpoint_lib.leaf_name(p), x), state)
+      log.info("initialised %d arrays from %s (step %d); %d keep their fresh init%s",
+               len(got), init_from, step, len(fresh), f": {', '.join(fresh[:8])}" if fresh else "")
+    else:
+      loaded = src.restore_state(step, program.abstract_state)
+      state = dict(state, **{k: loaded[k] for k in keys})
+      log.info("initialised parameters from %s (step %d)", init_from, step)
     src.close()
-    log.info("initialised parameters from %s (step %d)", init_from, step)
   return 0, state
 
 
