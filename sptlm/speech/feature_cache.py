@@ -26,6 +26,11 @@ import numpy as np
 from sptlm.speech import features
 
 log = logging.getLogger(__name__)
+# np.load parses each header with ast.literal_eval, and CPython 3.11's AST constructor can fail
+# when two threads (grain's loaders) parse at once (python/cpython#106905): "SystemError: AST
+# constructor recursion depth mismatch" ended a training run. Reads are 0.007 s a batch, so
+# one at a time costs little.
+_LOAD_LOCK = threading.Lock()
 # model.frontend -> the slow part of its features that is cached: (front end, width). The
 # others cost about 2% of a step: not worth the disk. "moonshine_tiny_mel" appends the log-mel
 # to Moonshine's features in the batch (features.with_mel), so both share one cache.
@@ -61,7 +66,8 @@ class FeatureCache:
     stale = False
     if file.exists():
       try:
-        got = np.load(file, allow_pickle=False)
+        with _LOAD_LOCK:
+          got = np.load(file, allow_pickle=False)
         if got.shape == shape and got.dtype == np.float32:
           with self._lock:
             self.hits += 1
