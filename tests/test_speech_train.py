@@ -2,13 +2,11 @@
 falls, an interrupted run resumes with identical losses, and batch jobs survive bad inputs."""
 
 import json
-import os
 import pathlib
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -18,92 +16,15 @@ import scipy.signal
 
 from sptlm.speech import ctc_decode
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "configs" / "speech_tokenizer_tiny.py")
-SENTENCES = [
-    "the cat sat on the mat", "a dog ran in the park", "we will go home now",
-    "she sells sea shells", "the sun is hot today", "he reads a good book",
-    "they play in the snow", "the bird sings a song", "my hat is red and blue",
-    "you can see the sea", "the man has a big car", "it is time to eat",
-]
-TINY = ["--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.d_ff=64",
-        "--config.model.layers_before_vq=1", "--config.model.layers_after_vq=1",
-        "--config.model.token_rate_layers=1",
-        "--config.vq.codebook_size=32", "--config.vq.restart_after=5", "--config.asr.units=40",
-        "--config.data.bucket_seconds=(3.84,)", "--config.data.batch_seconds=32.0",
-        "--config.data.eval_splits=()", "--config.train.warmup_steps=2",
-        "--config.train.learning_rate=0.003", "--config.train.log_every=1",
-        "--config.train.checkpoint_every=100", "--config.mesh.data=1"]
+from speech_cli_helpers import CONFIG, ROOT, SENTENCES, TINY, entry_point, metrics  # noqa: E402
+from speech_cli_helpers import corpus_dir, env, run, start, trained  # noqa: E402,F401  (fixtures)
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None,
                                 reason="espeak-ng is not installed (scripts/setup.sh)")
 
 
-def _entry_point() -> list[str]:
-  """`sptlm tokenizer ...` through sptlm.cli once it registers the command group."""
-  from sptlm import cli
-  try:
-    cli.build_parser().parse_args(["tokenizer", "train", "--help"])
-  except SystemExit as e:
-    if e.code == 0:
-      return [sys.executable, "-m", "sptlm.cli"]
-  return [sys.executable, "-m", "sptlm.speech.cli"]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-  cache = tmp_path_factory.mktemp("jax_cache")  # later runs reuse the first run's compilation
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-              JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-
-
-def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-  return subprocess.Popen([*_entry_point(), "tokenizer", *args], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _run(args: list[str], env: dict[str, str], code: int = 0) -> tuple[str, str]:
-  proc = _start(args, env)
-  out, err = proc.communicate(timeout=900)
-  assert proc.returncode == code, err[-3000:]
-  return out, err
-
-
-def _metrics(workdir: pathlib.Path) -> list[dict]:
-  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return [r for r in rows if "loss" in r]
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory, env) -> pathlib.Path:
-  root = tmp_path_factory.mktemp("speech")
-  text = root / "sentences.txt"
-  text.write_text("\n\n".join(s.capitalize() + "." for s in SENTENCES) + "\n")
-  out = root / "corpus"
-  _run(["build-corpus", "--out", str(out), "--text", str(text), "--no-default-text",
-        "--train", "8", "--test", "2", "--dev", "2", "--heldout-variants", "4", "--seed", "1"],
-       env)
-  return out
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, corpus_dir, env) -> pathlib.Path:
-  workdir = tmp_path_factory.mktemp("run")
-  # extra LM text: an unrelated document, and the corpus's own source (it holds the held-out
-  # sentences, so it must be left out whole)
-  extra = tmp_path_factory.mktemp("lm_text")
-  (extra / "other.txt").write_text("The quokka smiles at the wombat.\n")
-  (extra / "source.txt").write_text("\n\n".join(s.capitalize() + "." for s in SENTENCES))
-  _run(["train", "--config", CONFIG, "--workdir", str(workdir),
-        f"--config.data.corpus={corpus_dir}", "--config.train.steps=40",
-        f"--config.asr.lm_text=('{extra}',)", *TINY], env)
-  return workdir
-
-
 def test_training_lowers_the_loss(trained, corpus_dir):
-  rows = _metrics(trained)
+  rows = metrics(trained)
   assert [r["step"] for r in rows] == list(range(1, 41))
   first = np.mean([r["loss_ctc"] for r in rows[:3]])
   last = np.mean([r["loss_ctc"] for r in rows[-3:]])
@@ -131,11 +52,11 @@ def test_training_lowers_the_loss(trained, corpus_dir):
 def test_sigterm_then_restart_gives_identical_losses(tmp_path, corpus_dir, env):
   args = ["train", "--config", CONFIG, f"--config.data.corpus={corpus_dir}",
           "--config.train.steps=14", *TINY]
-  _run([*args, "--workdir", str(tmp_path / "straight")], env)
-  straight = _metrics(tmp_path / "straight")
+  run([*args, "--workdir", str(tmp_path / "straight")], env)
+  straight = metrics(tmp_path / "straight")
 
   workdir = tmp_path / "preempted"
-  proc = _start([*args, "--workdir", str(workdir)], env)
+  proc = start([*args, "--workdir", str(workdir)], env)
   deadline = time.time() + 600
   while time.time() < deadline and proc.poll() is None:
     path = workdir / "metrics.jsonl"
@@ -148,15 +69,15 @@ def test_sigterm_then_restart_gives_identical_losses(tmp_path, corpus_dir, env):
   assert "SIGTERM received" in out + err
   saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
   assert saved and max(saved) < 14
-  _run([*args, "--workdir", str(workdir)], env)
-  resumed = _metrics(workdir)
+  run([*args, "--workdir", str(workdir)], env)
+  resumed = metrics(workdir)
   assert [r["step"] for r in resumed] == list(range(1, 15))
   assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
   assert [r["code_perplexity"] for r in resumed] == [r["code_perplexity"] for r in straight]
 
 
 def test_bad_config_key_is_a_one_line_error(corpus_dir, env, tmp_path):
-  _, err = _run(["train", "--config", CONFIG, "--workdir", str(tmp_path),
+  _, err = run(["train", "--config", CONFIG, "--workdir", str(tmp_path),
                  "--config.vq.codebok_size=3"], env, code=1)
   assert err.strip().splitlines()[-1].startswith("sptlm tokenizer: error:")
   assert "vq.codebok_size" in err and "Traceback" not in err
@@ -183,7 +104,7 @@ def test_encode_and_transcribe_batch_jobs_survive_bad_inputs(trained, corpus_dir
   ]
   (tmp_path / "notes.wav").write_text("hello")
   out_file = tmp_path / "tokens.jsonl"
-  _, err = _run(["encode", "--workdir", str(trained), "--output", str(out_file), *files], env,
+  _, err = run(["encode", "--workdir", str(trained), "--output", str(out_file), *files], env,
                 code=1)
   rows = [json.loads(line) for line in out_file.read_text().splitlines()]
   assert [r["audio"] for r in rows] == files  # every input, in order
@@ -202,7 +123,7 @@ def test_encode_and_transcribe_batch_jobs_survive_bad_inputs(trained, corpus_dir
   # Resume: a killed job left a torn line; lines written stay, finished inputs are skipped.
   kept = out_file.read_text().splitlines()[:2]
   out_file.write_text("\n".join(kept) + "\n" + '{"audio": "torn')
-  _, err = _run(["encode", "--workdir", str(trained), "--output", str(out_file),
+  _, err = run(["encode", "--workdir", str(trained), "--output", str(out_file),
                  "--mix-channels", *files], env, code=1)
   lines = out_file.read_text().splitlines()
   assert lines[:2] == kept
@@ -212,22 +133,22 @@ def test_encode_and_transcribe_batch_jobs_survive_bad_inputs(trained, corpus_dir
   assert "3 of 6 inputs failed" in err
 
   text_file = tmp_path / "text.jsonl"
-  _run(["transcribe", "--workdir", str(trained), "--tokens", str(out_file), "--output",
+  run(["transcribe", "--workdir", str(trained), "--tokens", str(out_file), "--output",
         str(text_file)], env, code=1)  # the error lines of the token file stay errors
   texts = [json.loads(line) for line in text_file.read_text().splitlines()]
   assert [t["index"] for t in texts] == list(range(len(lines)))
   assert all(isinstance(t.get("text", t.get("error")), str) for t in texts)
-  out, _ = _run(["transcribe", "--workdir", str(trained), str(speech)], env)
+  out, _ = run(["transcribe", "--workdir", str(trained), str(speech)], env)
   (row,) = [json.loads(line) for line in out.splitlines()]
   assert row["audio"] == str(speech) and isinstance(row["text"], str)
-  out, _ = _run(["transcribe", "--workdir", str(trained), str(speech), "--beam", "1"], env)
+  out, _ = run(["transcribe", "--workdir", str(trained), str(speech), "--beam", "1"], env)
   (greedy_row,) = [json.loads(line) for line in out.splitlines()]
   from sptlm.speech import audio as audio_lib
   from sptlm.speech.tokenizer import SpeechTokenizer
   samples = audio_lib.read(str(speech)).samples
   assert row["text"] == SpeechTokenizer.load(trained).transcribe([samples])[0]  # LM beam search
   assert greedy_row["text"] == SpeechTokenizer.load(trained, lm=None).transcribe([samples])[0]
-  _, err = _run(["encode", "--workdir", str(tmp_path / "nowhere"), str(speech)], env, code=1)
+  _, err = run(["encode", "--workdir", str(tmp_path / "nowhere"), str(speech)], env, code=1)
   assert "not a tokenizer work directory" in err.strip().splitlines()[-1]
 
 
@@ -240,7 +161,7 @@ def test_a_changed_model_stops_before_anything_is_touched(trained, corpus_dir, e
   workdir = tmp_path / "run"
   shutil.copytree(trained, workdir)
   before = _digest(workdir)
-  _, err = _run(["train", "--config", CONFIG, "--workdir", str(workdir),
+  _, err = run(["train", "--config", CONFIG, "--workdir", str(workdir),
                  f"--config.data.corpus={corpus_dir}", "--config.train.steps=40", *TINY,
                  "--config.model.d_model=48"], env, code=1)
   line = err.strip().splitlines()[-1]
@@ -253,16 +174,16 @@ def test_a_changed_model_stops_before_anything_is_touched(trained, corpus_dir, e
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(corpus_dir, env, tmp_path):
   args = ["train", "--config", CONFIG, f"--config.data.corpus={corpus_dir}",
           "--config.train.steps=6", *TINY, "--config.train.checkpoint_every=3"]
-  _run([*args, "--workdir", str(tmp_path / "run")], env)
-  before = _metrics(tmp_path / "run")
+  run([*args, "--workdir", str(tmp_path / "run")], env)
+  before = metrics(tmp_path / "run")
   newest = tmp_path / "run" / "checkpoints" / "6"
   victim = max((p for p in (newest / "state").rglob("*") if p.is_file()),
                key=lambda p: p.stat().st_size)
   victim.unlink()
-  _, err = _run([*args, "--workdir", str(tmp_path / "run")], env)
+  _, err = run([*args, "--workdir", str(tmp_path / "run")], env)
   assert "is damaged" in err and "resuming from checkpoint at step 3" in err
   assert (tmp_path / "run" / "corrupt_checkpoints" / "6").is_dir()
-  assert [r["loss"] for r in _metrics(tmp_path / "run")] == [r["loss"] for r in before]
+  assert [r["loss"] for r in metrics(tmp_path / "run")] == [r["loss"] for r in before]
 
 
 @pytest.mark.slow  # trains a t2t model on top of the tokenizer fixture; t2t training is tested by
@@ -271,7 +192,7 @@ def test_t2t_pairs_from_the_tokenizer_and_the_pairing_check(trained, corpus_dir,
   """`sptlm t2t train` makes its TTS pairs with a real speech tokenizer (once: a rerun keeps
   the shards), records it, and synthesis refuses another tokenizer."""
   t2t = tmp_path / "t2t"
-  args = [*_entry_point(), "t2t", "train", "--config", str(ROOT / "configs" / "t2t_tiny.py"),
+  args = [*entry_point(), "t2t", "train", "--config", str(ROOT / "configs" / "t2t_tiny.py"),
           "--workdir", str(t2t), f"--config.data.tokenizer={trained}",
           f"--config.data.corpus={corpus_dir}", "--config.vocab.speech_size=32",
           "--config.model.num_layers=1", "--config.model.d_model=32",
@@ -293,16 +214,16 @@ def test_t2t_pairs_from_the_tokenizer_and_the_pairing_check(trained, corpus_dir,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert shards[1].stat().st_mtime_ns == before  # not made again
-  ok = subprocess.run([*_entry_point(), "t2t", "synthesize", "--workdir", str(t2t), "--text",
+  ok = subprocess.run([*entry_point(), "t2t", "synthesize", "--workdir", str(t2t), "--text",
                        "the cat", "--tokenizer", str(trained)], cwd=ROOT, env=env,
                       capture_output=True, text=True, timeout=600)
   assert ok.returncode == 0, ok.stderr[-3000:]
   other = tmp_path / "other"
   shutil.copytree(trained, other)
   # another tokenizer: the same layout, other codes (one more training step moves them)
-  _run(["train", "--config", CONFIG, "--workdir", str(other), f"--config.data.corpus={corpus_dir}",
+  run(["train", "--config", CONFIG, "--workdir", str(other), f"--config.data.corpus={corpus_dir}",
         "--config.train.steps=41", *TINY], env)
-  bad = subprocess.run([*_entry_point(), "t2t", "synthesize", "--workdir", str(t2t), "--text",
+  bad = subprocess.run([*entry_point(), "t2t", "synthesize", "--workdir", str(t2t), "--text",
                         "the cat", "--tokenizer", str(other)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
   assert bad.returncode == 1 and "learned the codes of the speech tokenizer" in bad.stderr
@@ -416,7 +337,7 @@ def test_tune_rechooses_the_lm_weights_at_the_full_beam(trained, corpus_dir, tmp
   work = tmp_path / "run"
   shutil.copytree(trained, work)
   (work / "asr_decoding.json").write_text(json.dumps({"alpha": 1.2, "beta": 2.5}))
-  out, _ = _run(["tune", "--workdir", str(work), "--corpus", str(corpus_dir)], env)
+  out, _ = run(["tune", "--workdir", str(work), "--corpus", str(corpus_dir)], env)
   tuned = json.loads(out)
   assert json.loads((work / "asr_decoding.json").read_text()) == tuned
   assert tuned["split"] == "dev" and tuned["beam"] == 64 and tuned["grid_beam"] == 16
@@ -428,7 +349,7 @@ def test_tune_rechooses_the_lm_weights_at_the_full_beam(trained, corpus_dir, tmp
   assert wer_lib.wer(refs, tok.decode(tok.encode(audio))) == pytest.approx(tuned["wer"])
   before = SpeechTokenizer.load(str(work), alpha=1.2, beta=2.5)
   assert tuned["wer"] <= wer_lib.wer(refs, before.decode(before.encode(audio))) + 1e-12
-  _, err = _run(["tune", "--workdir", str(work), "--corpus", str(corpus_dir), "--split", "nope"],
+  _, err = run(["tune", "--workdir", str(work), "--corpus", str(corpus_dir), "--split", "nope"],
                 env, code=1)
   assert "no utterances in split 'nope'" in err and len(err.strip().splitlines()) == 1
 
@@ -446,11 +367,11 @@ def test_evaluate_per_engine_and_condition(trained, tmp_path, env):
   text = tmp_path / "sentences.txt"
   text.write_text("\n\n".join(s.capitalize() + "." for s in SENTENCES) + "\n")
   corpus = tmp_path / "corpus"
-  _, err = _run(["build-corpus", "--out", str(corpus), "--text", str(text),
+  _, err = run(["build-corpus", "--out", str(corpus), "--text", str(text),
                  "--no-default-text", "--train", "4", "--test", "2", "--dev", "1",
                  "--heldout-variants", "4", "--engines", ",".join(names),
                  "--heldout-engine", names[-1]], env)
-  out, _ = _run(["evaluate", "--workdir", str(trained), "--corpus", str(corpus),
+  out, _ = run(["evaluate", "--workdir", str(trained), "--corpus", str(corpus),
                  "--out", str(tmp_path / "eval.json")], env)
   result = json.loads((tmp_path / "eval.json").read_text())
   cells = {(r["split"], r["engine"], r["condition"]): r for r in result["cells"]}
@@ -470,6 +391,13 @@ def test_evaluate_per_engine_and_condition(trained, tmp_path, env):
   assert len(pairs) == len(names) * (len(names) - 1) // 2
   assert all(p["sentences"] == 2 and 0 <= p["agreement"] <= 1 for p in pairs.values())
   assert clean["one_token_per_1280_samples"]
+  # --beam 1: greedy CTC, so the LM column is the greedy one
+  run(["evaluate", "--workdir", str(trained), "--corpus", str(corpus), "--splits", "test",
+        "--conditions", "clean", "--beam", "1", "--out", str(tmp_path / "greedy.json")], env)
+  greedy = json.loads((tmp_path / "greedy.json").read_text())["cells"]
+  espeak = [c for c in greedy if c["engine"] == "espeak"][0]
+  assert espeak["wer"] == pytest.approx(clean["wer_greedy"])
+  assert espeak["cer"] == pytest.approx(clean["cer_greedy"])
   # long audio in windows vs one pass (a small window so these short clips span several)
   from sptlm.speech import robust_eval
   long = np.concatenate([source.load(u) for u in source.utterances("test")])
@@ -497,16 +425,16 @@ def test_moonshine_features_from_the_cache_train_exactly_as_computed(corpus_dir,
   args = ["train", "--config", str(ROOT / "configs" / "speech_tokenizer_robust_moonshine.py"),
           f"--config.data.corpus={corpus_dir}", "--config.train.steps=4", *TINY,
           "--config.asr.lm_order=0", "--config.data.tune_split=", "--config.model.num_mels=288"]
-  _, err = _run([*args, "--workdir", str(tmp_path / "cached"),
+  _, err = run([*args, "--workdir", str(tmp_path / "cached"),
                  f"--config.data.cache_dir={tmp_path / 'cache'}"], env)
   files = list((tmp_path / "cache" / "features").rglob("*.npy"))
   assert len(files) == 8  # the 8 training clips, one batch an epoch
   read_back = re.search(r"feature cache: (\d+) clips read back, (\d+) featurized", err)
   # (two loader threads may both featurize a clip at an epoch's edge)
   assert read_back and int(read_back[1]) >= 8 and int(read_back[2]) >= 8, err[-2000:]
-  _run([*args, "--workdir", str(tmp_path / "direct"), "--config.data.cache_features=False"],
+  run([*args, "--workdir", str(tmp_path / "direct"), "--config.data.cache_features=False"],
        env)
   assert not (tmp_path / "direct" / "cache" / "features").exists()
-  cached, direct = _metrics(tmp_path / "cached"), _metrics(tmp_path / "direct")
+  cached, direct = metrics(tmp_path / "cached"), metrics(tmp_path / "direct")
   assert [r["step"] for r in cached] == [1, 2, 3, 4]
   assert [r["loss"] for r in cached] == [r["loss"] for r in direct]

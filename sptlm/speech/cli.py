@@ -145,7 +145,6 @@ def cmd_encode(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def cmd_evaluate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   _no_overrides(overrides, "evaluate")
   from sptlm.speech import manifest, robust_eval
-  from sptlm.speech.tokenizer import SpeechTokenizer
   splits = [s for s in args.splits.split(",") if s]
   conditions = [c for c in args.conditions.split(",") if c]
   bad = [c for c in conditions if c not in robust_eval.CONDITIONS]
@@ -153,7 +152,7 @@ def cmd_evaluate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     raise InputError(f"--conditions: unknown {', '.join(bad)}; choose from "
                      f"{','.join(robust_eval.CONDITIONS)}")
   source = manifest.ManifestSource(paths.resolve(args.corpus))
-  tok = SpeechTokenizer.load(args.workdir, batch=args.batch)
+  tok = _load(args)
   if not getattr(tok, "can_transcribe", True):
     raise UserError(f"--workdir {args.workdir} is an imported WhisperVQ tokenizer: it has no "
                     "ASR head, so WER cannot be measured")
@@ -174,10 +173,9 @@ def cmd_tune(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   _no_overrides(overrides, "tune")
   from sptlm.speech import manifest
   from sptlm.speech import train as train_lib
-  from sptlm.speech.tokenizer import SpeechTokenizer
   source = manifest.ManifestSource(paths.resolve(args.corpus))
   source.utterances(args.split)  # an unknown split fails before the model loads
-  tok = SpeechTokenizer.load(args.workdir, batch=args.batch)
+  tok = _load(args)
   if getattr(tok, "lm", None) is None:
     raise UserError(f"--workdir {args.workdir} has no transcription LM (asr_lm.arpa): greedy "
                     "decoding has no weights to tune")
@@ -244,6 +242,12 @@ def cmd_transcribe(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 # ---- Parser -----------------------------------------------------------------------------------
+
+
+def _beam_arg(p: argparse.ArgumentParser, what: str = "beam width of the LM decoding ") -> None:
+  p.add_argument("--beam", type=int, default=None,
+                 help=what + "(1: greedy CTC; default: the run's asr.beam, with "
+                 "WORKDIR/asr_lm.arpa)")
 
 
 def _batch_args(p: argparse.ArgumentParser) -> None:
@@ -370,6 +374,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                  help="at most this many utterances per split and engine (default: all)")
   q.add_argument("--seed", type=int, default=0, help="seed of the noise (default: 0)")
   q.add_argument("--batch", type=int, default=16, help="windows per encoder call")
+  _beam_arg(q)
   q.add_argument("--out", help="write the full results as JSON here")
   q.set_defaults(func=cmd_evaluate)
 
@@ -383,6 +388,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
   q.add_argument("--corpus", required=True, help="a build-corpus directory or manifest")
   q.add_argument("--split", default="dev", help="held-out split to tune on (default: dev)")
   q.add_argument("--batch", type=int, default=16, help="windows per encoder call")
+  _beam_arg(q, "the beam at which the finalists are decoded again ")
   q.set_defaults(func=cmd_tune)
 
   q = sub.add_parser(
@@ -391,9 +397,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
       "\"text\": ...} per WAV file, or per line of an `encode` output given with --tokens.")
   q.add_argument("audio", nargs="*", help="WAV files")
   q.add_argument("--tokens", help="JSON lines with a \"tokens\" list each (`encode` output)")
-  q.add_argument("--beam", type=int, default=None,
-                 help="beam width of the LM decoding (1: greedy CTC; default: the run's "
-                 "asr.beam, with WORKDIR/asr_lm.arpa)")
+  _beam_arg(q)
   _batch_args(q)
   q.set_defaults(func=cmd_transcribe)
 
