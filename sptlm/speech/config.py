@@ -94,6 +94,11 @@ class AsrConfig:
   units: int  # unit vocabulary size, at most (the head has units + 1 outputs: + blank)
   text_tokenizer: str  # a SentencePiece model; "" trains one on the training transcripts
   inter_ctc_weight: float = 0.0  # > 0: + this x a CTC loss on the 50 Hz frames below the VQ
+  # training-time dropout above the bottleneck: on the code vectors and in each layer's residual
+  # branches (attention, convolution, MLP) of token_rate_layers and layers_after_vq. Those
+  # layers fit their training sentences far better than new ones (BENCHMARKS.md, run 15);
+  # the tokens are untouched (the encoder and the VQ see no dropout)
+  dropout: float = 0.0
   # > 0: a head learns to guess each token's TTS engine (the manifest's `engine`; clips without
   # one are left out) from the encoder output below the VQ, and the encoder to leave it unsure
   # (cross-entropy to the uniform over the batch's engines, ramped in over training, after
@@ -267,6 +272,8 @@ def validate(c: SpeechTokenizerConfig) -> None:
   check_at_least("vq.code_dim", v.code_dim, 0, " (0: the model width)")
   check_at_least("asr.units", a.units, 8)
   check_at_least("asr.inter_ctc_weight", a.inter_ctc_weight, 0.0)
+  if not 0.0 <= a.dropout < 1.0:
+    raise ConfigError(f"asr.dropout={a.dropout} must be within [0, 1)")
   check_at_least("asr.engine_adversary_weight", a.engine_adversary_weight, 0.0)
   check_at_least("asr.lm_order", a.lm_order, 0, " (0: no language model, greedy decoding)")
   check_at_least("asr.beam", a.beam, 1)

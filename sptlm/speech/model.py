@@ -186,6 +186,20 @@ class ConvModule(nnx.Module):
     return self.pointwise_out(h)
 
 
+class Dropout(NamedTuple):
+  """Training-time dropout of the layers above the bottleneck (asr.dropout): its rate and key."""
+  rate: float
+  key: jax.Array
+
+
+def dropout(x: jax.Array, drop: Dropout | None, key: jax.Array | None) -> jax.Array:
+  """Inverted dropout of `x` with `key` (the identity when `drop` is None)."""
+  if drop is None:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - drop.rate, x.shape)
+  return jnp.where(keep, x / (1.0 - drop.rate), 0).astype(x.dtype)
+
+
 class EncoderLayer(nnx.Module):
   """Whisper's pre-LN encoder layer: x + attn(LN(x)), then x + fc2(GELU(fc1(LN(x)))); with
   model.conv_kernel, a Conformer convolution module between the two."""
@@ -199,13 +213,17 @@ class EncoderLayer(nnx.Module):
     self.fc1 = Linear(d, (e,), ("embed", "mlp"), cfg, bias=True, rngs=rngs)
     self.fc2 = Linear(e, (d,), ("mlp", "embed"), cfg, bias=True, rngs=rngs)
 
-  def __call__(self, x_BxLxD: jax.Array, mask_BxLxL: jax.Array) -> jax.Array:
-    x_BxLxD = x_BxLxD + self.self_attn(self.self_attn_layer_norm(x_BxLxD), mask_BxLxL)
+  def __call__(self, x_BxLxD: jax.Array, mask_BxLxL: jax.Array,
+               drop: Dropout | None = None) -> jax.Array:
+    keys = jax.random.split(drop.key, 3) if drop else (None,) * 3
+    x_BxLxD = x_BxLxD + dropout(
+        self.self_attn(self.self_attn_layer_norm(x_BxLxD), mask_BxLxL), drop, keys[0])
     if self.conv is not None:  # a real frame's mask row sees itself: the diagonal is `valid`
-      x_BxLxD = x_BxLxD + self.conv(x_BxLxD, jnp.diagonal(mask_BxLxL, axis1=1, axis2=2))
+      x_BxLxD = x_BxLxD + dropout(
+          self.conv(x_BxLxD, jnp.diagonal(mask_BxLxL, axis1=1, axis2=2)), drop, keys[1])
     h_BxLxE = jax.nn.gelu(self.fc1(self.final_layer_norm(x_BxLxD)), approximate=False)
     h_BxLxE = sharding.constrain(h_BxLxE, ("batch", "length", "mlp"))
-    x_BxLxD = x_BxLxD + self.fc2(h_BxLxE)
+    x_BxLxD = x_BxLxD + dropout(self.fc2(h_BxLxE), drop, keys[2])
     return sharding.constrain(x_BxLxD, ("batch", "length", "act_embed"))
 
 
@@ -217,15 +235,19 @@ class Layers(nnx.Module):
     if num:
       self.stack = nnx_compat.stacked(lambda r: EncoderLayer(cfg, rngs=r, rope=rope), num, rngs)
 
-  def __call__(self, x_BxLxD: jax.Array, mask_BxLxL: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, mask_BxLxL: jax.Array,
+               drop: Dropout | None = None) -> jax.Array:
     if not self.num:
       return x_BxLxD
     graphdef, state = nnx.split(self.stack)
+    keys = jax.random.split(drop.key, self.num) if drop else None
 
-    def layer(x, layer_state):
-      return nnx.merge(graphdef, layer_state)(x, mask_BxLxL), None
+    def layer(x, xs):
+      layer_state, key = xs
+      layer_drop = drop._replace(key=key) if drop else None
+      return nnx.merge(graphdef, layer_state)(x, mask_BxLxL, layer_drop), None
 
-    x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, state)
+    x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, (state, keys))
     return x_BxLxD
 
 
@@ -403,16 +425,20 @@ class SpeechTokenizerModel(nnx.Module):
     """Features -> codes [B, N] (padding positions hold arbitrary codes)."""
     return self.vq.nearest(self.to_code_space(self.encode(mel_BxFxM, valid_BxN).h_BxNxD))
 
-  def ctc_logits(self, q_BxNxD: jax.Array, valid_BxN: jax.Array) -> jax.Array:
-    """Quantized vectors -> CTC logits [B, N * up, U + 1] (float32); blank is 0."""
+  def ctc_logits(self, q_BxNxD: jax.Array, valid_BxN: jax.Array,
+                 drop: Dropout | None = None) -> jax.Array:
+    """Quantized vectors -> CTC logits [B, N * up, U + 1] (float32); blank is 0. `drop`
+    (training only): dropout on the code vectors and in every layer's residual branches."""
     cfg = self.cfg
     dt = DTYPES[cfg.dtype]
     up = cfg.ctc_upsample
     b, n, d = q_BxNxD.shape
-    x = q_BxNxD.astype(dt)
+    keys = jax.random.split(drop.key, 3) if drop else (None,) * 3
+    x = dropout(q_BxNxD.astype(dt), drop, keys[0])
     if cfg.token_rate_layers:  # the first layers above the VQ at 12.5 Hz: a quarter the cost
       x = x + jnp.asarray(sinusoids(n, d), dt)
-      x = self.token_rate_layers(x, attention_mask(valid_BxN, self.block_tokens))
+      x = self.token_rate_layers(x, attention_mask(valid_BxN, self.block_tokens),
+                                 drop._replace(key=keys[1]) if drop else None)
     if up > 1:  # [B, N, D] -> [B, N * up, D]: each token once per CTC frame, phase-marked
       x_BxNxUxD = x[:, :, None, :] + self.upsample_phase.value.astype(dt)
       if self.upsample_proj is not None:
@@ -421,7 +447,7 @@ class SpeechTokenizerModel(nnx.Module):
     if not cfg.token_rate_layers:
       x = x + jnp.asarray(sinusoids(n * up, d), dt)
     mask = attention_mask(jnp.repeat(valid_BxN, up, axis=1), self.block_tokens * up)
-    x = self.layers_after_vq(x, mask)
+    x = self.layers_after_vq(x, mask, drop._replace(key=keys[2]) if drop else None)
     return self.ctc_head(self.layer_norm(x)).astype(jnp.float32)
 
   def inter_ctc_logits(self, frames_BxTxD: jax.Array) -> jax.Array:

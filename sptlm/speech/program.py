@@ -64,7 +64,8 @@ def split(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict]:
 def loss_fn(params: dict, vq_state: dict, graphdef: nnx.GraphDef, batch: dict[str, jax.Array],
             commitment_weight: float, quantize: jax.Array,
             inter_ctc_weight: float = 0.0, engine_weight: float = 0.0,
-            confusion: jax.Array | float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+            confusion: jax.Array | float = 1.0, dropout: float = 0.0,
+            dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """CTC + commitment; before vq.warmup_steps (`quantize` false) the layers above the
   bottleneck see the unquantized encoder output while the codebook already follows it."""
   model = nnx.merge(graphdef, params, vq_state)
@@ -75,7 +76,8 @@ def loss_fn(params: dict, vq_state: dict, graphdef: nnx.GraphDef, batch: dict[st
   if model.vq.normalize:
     z_BxNxC = vq_lib.l2_normalize(z_BxNxC).astype(out.quantized_BxNxD.dtype)
   above_BxNxC = jnp.where(quantize, out.quantized_BxNxD, z_BxNxC)
-  logits_BxNxU = model.ctc_logits(model.from_code_space(above_BxNxC), valid_BxN)
+  drop = model_lib.Dropout(dropout, dropout_key) if dropout > 0 else None
+  logits_BxNxU = model.ctc_logits(model.from_code_space(above_BxNxC), valid_BxN, drop)
   frames_valid = jnp.repeat(valid_BxN, model.cfg.ctc_upsample, axis=1)
   ctc_B = optax.ctc_loss(logits_BxNxU, 1.0 - frames_valid.astype(jnp.float32), batch["labels"],
                          batch["label_paddings"], blank_id=0)
@@ -134,7 +136,8 @@ def make_train_step(cfg: SpeechTokenizerConfig, graphdef: nnx.GraphDef,
     (loss, aux), grads = grad_fn(params, vq_state, graphdef, batch, v.commitment_weight,
                                  step >= v.warmup_steps, cfg.asr.inter_ctc_weight,
                                  cfg.asr.engine_adversary_weight,
-                                 adversary_ramp(step, cfg.train.steps))
+                                 adversary_ramp(step, cfg.train.steps), cfg.asr.dropout,
+                                 jax.random.fold_in(jax.random.fold_in(base_key, step), 1))
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
