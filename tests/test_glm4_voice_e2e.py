@@ -28,8 +28,9 @@ if shutil.which("espeak-ng") is None:
 
 import whisper_vq_reference as ref  # noqa: E402
 from test_convert import CORPUS, TINY  # noqa: E402
-from test_convert_chatglm import K, ROWS, chatglm_config, chatglm_tensors  # noqa: E402
-from test_convert_chatglm import write_chatglm, write_voice_tokenizer  # noqa: E402
+from test_convert_chatglm import chatglm_config, chatglm_tensors  # noqa: E402
+from test_convert_chatglm import write_chatglm  # noqa: E402
+from test_convert_glm4_voice import K, ROWS, write_voice_tokenizer  # noqa: E402
 from test_whisper_vq import SENTENCES  # noqa: E402
 
 from data_pipelines import mixture_input, records  # noqa: E402
