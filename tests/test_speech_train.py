@@ -354,6 +354,43 @@ def test_tune_rechooses_the_lm_weights_at_the_full_beam(trained, corpus_dir, tmp
   assert "no utterances in split 'nope'" in err and len(err.strip().splitlines()) == 1
 
 
+def test_build_lm_retrains_the_lm_and_keeps_the_one_it_replaces(trained, corpus_dir, tmp_path,
+                                                                  env):
+  """`sptlm tokenizer build-lm`: another order and text, held-out sentences still left out,
+  the replaced LM kept byte for byte; bad text: one line and nothing touched."""
+  from sptlm.speech.ngram_lm import NgramLM
+  work = tmp_path / "run"
+  shutil.copytree(trained, work)
+  first = (work / "asr_lm.arpa").read_bytes()
+  text = tmp_path / "text"
+  text.mkdir()
+  (text / "new.txt").write_text("The platypus swims at dawn.\n")
+  (text / "more.txt").write_text("\n\n".join([s.capitalize() + "." for s in SENTENCES]
+                                             + ["A zebra grazes."]))
+  out, err = run(["build-lm", "--workdir", str(work), "--corpus", str(corpus_dir),
+                  "--order", "2", "--lm-text", str(text)], env)
+  got = json.loads(out)
+  assert got["order"] == 2 and got["previous"] == str(work / "asr_lm.previous1.arpa")
+  assert (work / "asr_lm.previous1.arpa").read_bytes() == first
+  assert "sptlm tokenizer tune --workdir" in err
+  assert "4 held-out sentences" in err  # the corpus's test and dev sentences in more.txt
+  lm = NgramLM.load_arpa(work / "asr_lm.arpa")
+  assert lm.order == 2 and got["ngrams"] == lm.num_ngrams() and got["vocab"] == len(lm.vocab)
+  assert {"platypus", "zebra"} <= lm.vocab and "quokka" not in lm.vocab
+  second = (work / "asr_lm.arpa").read_bytes()
+  _, err = run(["build-lm", "--workdir", str(work), "--corpus", str(corpus_dir),
+                "--lm-text", str(tmp_path / "nope.txt")], env, code=1)
+  assert err.strip().splitlines() == [
+      f"sptlm tokenizer: error: --lm-text {tmp_path / 'nope.txt'} not found"], err
+  assert (work / "asr_lm.arpa").read_bytes() == second
+  assert not (work / "asr_lm.previous2.arpa").exists()
+  # the run's own text and order again: the quokka of the run's asr.lm_text is back
+  out, _ = run(["build-lm", "--workdir", str(work), "--corpus", str(corpus_dir)], env)
+  assert json.loads(out)["previous"] == str(work / "asr_lm.previous2.arpa")
+  assert (work / "asr_lm.previous2.arpa").read_bytes() == second
+  assert (work / "asr_lm.arpa").read_bytes() == first
+
+
 def test_evaluate_per_engine_and_condition(trained, tmp_path, env):
   """`sptlm tokenizer evaluate` on a corpus said by several engines: one row per split, engine
   and condition, its clean WER/CER the tokenizer's own transcripts scored directly, token

@@ -184,6 +184,44 @@ def cmd_tune(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   return 0
 
 
+def cmd_build_lm(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  _no_overrides(overrides, "build-lm")
+  import dataclasses
+  import shutil
+  from sptlm.speech import config as config_lib
+  from sptlm.speech import manifest
+  wd = pathlib.Path(args.workdir)
+  if not (wd / "config.json").is_file():
+    raise MissingFileError(f"--workdir {wd}: no config.json; give a `tokenizer train` work "
+                           "directory")
+  if args.order < 1:
+    raise InputError(f"--order must be >= 1, not {args.order}")
+  cfg = config_lib.from_json((wd / "config.json").read_text())
+  lm_text = tuple(args.lm_text) if args.lm_text is not None else cfg.asr.lm_text
+  missing = [t for t in lm_text if not paths.resolve(t).exists()]
+  if missing:
+    raise MissingFileError(f"--lm-text {missing[0]} not found")
+  source = manifest.ManifestSource(paths.resolve(args.corpus))
+  from sptlm.speech import train as train_lib  # jax: after the cheap checks
+  from sptlm.speech.tokenizer import LM_FILE
+  cfg = dataclasses.replace(cfg, asr=dataclasses.replace(cfg.asr, lm_order=args.order,
+                                                         lm_text=lm_text))
+  lm = train_lib.train_language_model(cfg, source)
+  kept = None
+  if (wd / LM_FILE).exists():  # the LM it replaces stays beside it
+    n = 1
+    while (wd / f"asr_lm.previous{n}.arpa").exists():
+      n += 1
+    kept = wd / f"asr_lm.previous{n}.arpa"
+    shutil.copyfile(wd / LM_FILE, kept)
+  path = train_lib.save_language_model(lm, wd)
+  print(json.dumps({"lm": str(path), "order": lm.order, "vocab": len(lm.vocab),
+                    "ngrams": lm.num_ngrams(), "previous": str(kept) if kept else None}))
+  print(f"next: sptlm tokenizer tune --workdir {wd} --corpus {args.corpus} (the LM weights in "
+        "asr_decoding.json were chosen for the LM before)", file=sys.stderr)
+  return 0
+
+
 def cmd_transcribe(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   _no_overrides(overrides, "transcribe")
   if bool(args.tokens) == bool(args.audio or args.list):
@@ -390,6 +428,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
   q.add_argument("--batch", type=int, default=16, help="windows per encoder call")
   _beam_arg(q, "the beam at which the finalists are decoded again ")
   q.set_defaults(func=cmd_tune)
+
+  q = sub.add_parser(
+      "build-lm", help="train the transcription LM of a finished run again (other order/text)",
+      description="Trains WORKDIR/asr_lm.arpa as training does (the corpus's lm_text.txt and "
+      "the run's asr.lm_text, held-out sentences left out), with --order and --lm-text if "
+      "given. The LM it replaces is kept as asr_lm.previousN.arpa; run `tokenizer tune` next.")
+  q.add_argument("--workdir", required=True, help="a `tokenizer train` work directory")
+  q.add_argument("--corpus", required=True,
+                 help="the run's build-corpus directory or manifest (its held-out sentences "
+                 "are kept out of the LM)")
+  q.add_argument("--order", type=int, default=3, help="n-gram order (default: 3)")
+  q.add_argument("--lm-text", action="append", default=None,
+                 help="text file or directory of *.txt (repeatable; default: the run's "
+                 "asr.lm_text)")
+  q.set_defaults(func=cmd_build_lm)
 
   q = sub.add_parser(
       "transcribe", help="audio or tokens -> text through the bottleneck (JSON lines)",

@@ -97,15 +97,24 @@ def _feature_cache(cfg: SpeechTokenizerConfig, cache: epath.Path, data: input_li
 
 def _language_model(cfg: SpeechTokenizerConfig, source: manifest.ManifestSource,
                     wd: epath.Path) -> ctc_decode.NgramLM | None:
-  """The transcription LM: WORKDIR/asr_lm.arpa, else trained (once) on the corpus's
-  lm_text.txt (a built corpus: its sources' sentences outside the held-out splits, the training
-  transcripts among them) or the training transcripts, plus asr.lm_text (files or directories,
-  with whatever overlaps the held-out transcripts left out: sptlm.speech.lm_text)."""
+  """The transcription LM: WORKDIR/asr_lm.arpa, else trained once (`train_language_model`)."""
   if not cfg.asr.lm_order:
     return None
   path = wd / LM_FILE
   if path.exists():
     return ctc_decode.NgramLM.load_arpa(local_copy(path))
+  lm = train_language_model(cfg, source)
+  if jax.process_index() == 0:
+    save_language_model(lm, wd)
+  return lm
+
+
+def train_language_model(cfg: SpeechTokenizerConfig,
+                         source: manifest.ManifestSource) -> ctc_decode.NgramLM:
+  """A word asr.lm_order-gram LM on the corpus's lm_text.txt (a built corpus: its sources'
+  sentences outside the held-out splits, the training transcripts among them) or the training
+  transcripts, plus asr.lm_text (files or directories, with whatever overlaps the held-out
+  transcripts left out: sptlm.speech.lm_text)."""
   heldout = {u.text for split in source.splits() if split != cfg.data.train_split
              for u in source.utterances(split)}
   own = pathlib.Path(source.root) / corpus_lib.LM_TEXT if source.root else None
@@ -119,13 +128,21 @@ def _language_model(cfg: SpeechTokenizerConfig, source: manifest.ManifestSource,
   if cfg.asr.lm_text:
     log.info("asr.lm_text: %s", extra.summary())
   lm = ctc_decode.NgramLM.train(texts + extra.sentences, cfg.asr.lm_order)
-  if jax.process_index() == 0:
-    tmp = pathlib.Path(tempfile.mkdtemp()) / LM_FILE
-    lm.save_arpa(tmp)
-    path.write_bytes(tmp.read_bytes())
   log.info("trained the transcription LM %s on %d corpus and %d extra sentences", lm,
            len(texts), len(extra.sentences))
   return lm
+
+
+def save_language_model(lm: ctc_decode.NgramLM, workdir: str | pathlib.Path) -> pathlib.Path:
+  """Writes WORKDIR/asr_lm.arpa whole: a killed write leaves the file it replaces in place."""
+  path = epath.Path(workdir) / LM_FILE
+  part = path.parent / (LM_FILE + ".part")
+  tmp = pathlib.Path(tempfile.mkdtemp()) / LM_FILE
+  lm.save_arpa(tmp)
+  part.write_bytes(tmp.read_bytes())
+  tmp.unlink()
+  part.replace(path)
+  return pathlib.Path(str(path))
 
 
 def _eval_sets(cfg: SpeechTokenizerConfig,
