@@ -315,8 +315,8 @@ def _write(workdir: str, out: str | None, results: list[dict[str, Any]],
   path.write_text(json.dumps(results, indent=1))
   per_example = path.with_name(path.stem + ".examples.jsonl")
   per_example.write_text("".join(json.dumps(e) + "\n" for e in examples))
-  from tensorboardX import SummaryWriter
-  tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard" / "eval"))
+  from sptlm.train.metrics import summary_writer
+  tb = summary_writer(str(epath.Path(workdir) / "tensorboard" / "eval"))
   for r in results:
     setting = r["setting"].replace("->", "_to_")  # TensorBoard tags allow no ">"
     if r["accuracy"] is not None:
