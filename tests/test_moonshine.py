@@ -7,6 +7,7 @@ import importlib.util
 import math
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -173,8 +174,48 @@ def test_hybrid_encoder_reads_both_stems_and_tokens_chunk_exactly(units):
   check_windows_and_batching(cfg, units, model, audio, feats, 12)
 
 
+def test_mel_stem_dropout_leaves_the_log_mel_out_of_that_utterance_only():
+  """A left-out utterance reads nothing of its log-mel, as if the stem gave zeros; the others
+  are as without dropout; the loss sees it the same way."""
+  cfg = small_config(*HYBRID, "--config.model.mel_stem_dropout=0.5")
+  model = program.make_model(cfg, cfg.asr.units)
+  batch = tiny_batch(cfg)
+  mel, valid = jnp.asarray(batch["mel"]), jnp.asarray(batch["valid"]) > 0
+  other = mel.at[..., moonshine.DIM:].set(0.0)  # the same clips with another log-mel
+  keep = jnp.asarray([True, False, True, False])
+
+  def h(features, keep_B=None):
+    return np.asarray(model.encode(features, valid, keep_B).h_BxNxD)
+
+  full, dropped = h(mel), h(mel, keep)
+  np.testing.assert_array_equal(h(mel, jnp.ones(4, bool)), full)
+  np.testing.assert_array_equal(dropped[0::2], full[0::2])
+  assert np.abs(dropped[1::2] - full[1::2]).max() > 1e-3
+  np.testing.assert_array_equal(h(other, keep)[1::2], dropped[1::2])  # the log-mel unread
+
+  graphdef, params, vq = program.split(model)
+  inputs = {k: jnp.asarray(v) for k, v in batch.items() if k != "audios"}
+  silent = jax.tree_util.tree_map(jnp.zeros_like, params["conv2"])
+  loss = lambda p, keep_B=None: float(program.loss_fn(  # noqa: E731
+      p, vq, graphdef, inputs, 0.25, jnp.asarray(True), mel_keep_B=keep_B)[0])
+  assert loss(params, jnp.zeros(4, bool)) == pytest.approx(
+      loss({**params, "conv2": silent}), rel=1e-6)
+  assert loss(params, jnp.ones(4, bool)) == loss(params)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["--config.model.mel_stem_dropout=0.3"], "mel_stem_dropout=0.3.*moonshine_tiny_mel"),
+    ([*HYBRID, "--config.model.mel_stem_dropout=1.0"], r"within \[0, 1\)"),
+])
+def test_mel_stem_dropout_config_errors(overrides, match):
+  with pytest.raises(config_lib.ConfigError, match=match):
+    small_config(*overrides)
+
+
 def test_hybrid_train_steps_learn_with_the_log_mel_stem_in_the_state():
-  cfg = small_config(*HYBRID, "--config.train.steps=8", "--config.train.warmup_steps=1")
+  """With half the utterances' log-mel stems left out at random (model.mel_stem_dropout)."""
+  cfg = small_config(*HYBRID, "--config.train.steps=8", "--config.train.warmup_steps=1",
+                     "--config.model.mel_stem_dropout=0.5")
   batch = tiny_batch(cfg)
   assert batch["mel"].shape == (4, 256, 416)
   losses = train_steps(cfg, batch, convs=True)

@@ -65,6 +65,11 @@ class EncoderConfig:
   # constant offset per bin) is gone before the encoder sees it; a token then depends on audio
   # up to half of it further away
   mel_norm_seconds: float = 0.0
+  # "moonshine_tiny_mel" only, training only: the share of utterances whose log-mel stem is left
+  # out of the sum (modality dropout), so the layers must also read the words from Moonshine's
+  # features alone; the log-mel carries what the training engines share and a new voice does
+  # not (BENCHMARKS.md, run 18). Evaluation and tokens always use both stems
+  mel_stem_dropout: float = 0.0
   # what turns audio into the encoder's 50 Hz input (FRONTENDS): "whisper_mel" (log-mel ->
   # conv1 -> conv2) or "speech_embedding" (32-bin log-mel -> a frozen CNN pre-trained on real
   # speech, 96-d at 12.5 Hz -> layer norm -> one linear map per 50 Hz phase) or
@@ -258,6 +263,12 @@ def validate(c: SpeechTokenizerConfig) -> None:
       raise ConfigError(f"model.mel_norm_seconds={m.mel_norm_seconds}: model.frontend="
                         "'moonshine_tiny' has no log-mel to normalize; set it to 0 (or use "
                         "'moonshine_tiny_mel')")
+  if not 0.0 <= m.mel_stem_dropout < 1.0:
+    raise ConfigError(f"model.mel_stem_dropout={m.mel_stem_dropout} must be within [0, 1)")
+  if m.mel_stem_dropout and m.frontend != "moonshine_tiny_mel":
+    raise ConfigError(f"model.mel_stem_dropout={m.mel_stem_dropout}: model.frontend="
+                      f"{m.frontend!r} has no second stem to leave out; set it to 0 (or use "
+                      "'moonshine_tiny_mel')")
   if m.conv_kernel < 0 or (m.conv_kernel and m.conv_kernel % 2 == 0):
     raise ConfigError(f"model.conv_kernel={m.conv_kernel} must be 0 (off) or odd")
   if not 0 <= m.token_rate_layers <= m.layers_after_vq:

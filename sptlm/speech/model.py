@@ -369,8 +369,11 @@ class SpeechTokenizerModel(nnx.Module):
   def block_tokens(self) -> int:
     return round(self.cfg.block_causal_seconds * 12.5 * 4 / self.cfg.pool)
 
-  def encode(self, mel_BxFxM: jax.Array, valid_BxN: jax.Array) -> Encoded:
-    """Features -> pooled, unquantized encoder output at 12.5 Hz. F = 8 N."""
+  def encode(self, mel_BxFxM: jax.Array, valid_BxN: jax.Array,
+             mel_keep_B: jax.Array | None = None) -> Encoded:
+    """Features -> pooled, unquantized encoder output at 12.5 Hz. F = 8 N. `mel_keep_B`
+    (a hybrid in training, model.mel_stem_dropout): false leaves that utterance's log-mel stem
+    out of the sum."""
     cfg = self.cfg
     dt = DTYPES[cfg.dtype]
     b, n = valid_BxN.shape
@@ -389,7 +392,10 @@ class SpeechTokenizerModel(nnx.Module):
       x_BxTxD = self.embed_proj(self.embed_layer_norm(f_BxTx2xE.mean(axis=2).astype(dt)))
       if hybrid:
         x = jax.nn.gelu(self.conv1(logmel_BxFxM.astype(dt)), approximate=False)
-        x_BxTxD = x_BxTxD + jax.nn.gelu(self.conv2(x), approximate=False)
+        stem_BxTxD = jax.nn.gelu(self.conv2(x), approximate=False)
+        if mel_keep_B is not None:
+          stem_BxTxD = jnp.where(mel_keep_B[:, None, None], stem_BxTxD, 0)
+        x_BxTxD = x_BxTxD + stem_BxTxD
     elif self.embed_proj is not None:  # [B, N, 96] -> [B, N, pool, D] -> [B, 4N, D]
       valid_BxF = jnp.repeat(valid_BxN, FRAMES_PER_TOKEN, axis=1)
       e_BxNxE = jax.lax.stop_gradient(

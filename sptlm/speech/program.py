@@ -65,12 +65,14 @@ def loss_fn(params: dict, vq_state: dict, graphdef: nnx.GraphDef, batch: dict[st
             commitment_weight: float, quantize: jax.Array,
             inter_ctc_weight: float = 0.0, engine_weight: float = 0.0,
             confusion: jax.Array | float = 1.0, dropout: float = 0.0,
-            dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+            dropout_key: jax.Array | None = None,
+            mel_keep_B: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """CTC + commitment; before vq.warmup_steps (`quantize` false) the layers above the
-  bottleneck see the unquantized encoder output while the codebook already follows it."""
+  bottleneck see the unquantized encoder output while the codebook already follows it.
+  `mel_keep_B`: which utterances keep a hybrid's log-mel stem (model.mel_stem_dropout)."""
   model = nnx.merge(graphdef, params, vq_state)
   valid_BxN = batch["valid"] > 0
-  enc = model.encode(batch["mel"], valid_BxN)
+  enc = model.encode(batch["mel"], valid_BxN, mel_keep_B)
   z_BxNxC = model.to_code_space(enc.h_BxNxD)
   out = model.vq(z_BxNxC)
   if model.vq.normalize:
@@ -133,17 +135,23 @@ def make_train_step(cfg: SpeechTokenizerConfig, graphdef: nnx.GraphDef,
 
   def train_step(state: dict, batch: dict[str, jax.Array]) -> tuple[dict, dict]:
     params, vq_state, step = state["params"], state["vq"], state["step"]
+    step_key = jax.random.fold_in(base_key, step)
+    mel_keep_B = None
+    if cfg.model.mel_stem_dropout > 0:  # drawn from the step alone, as the dropout masks
+      mel_keep_B = jax.random.bernoulli(jax.random.fold_in(step_key, 2),
+                                        1.0 - cfg.model.mel_stem_dropout,
+                                        (batch["mel"].shape[0],))
     (loss, aux), grads = grad_fn(params, vq_state, graphdef, batch, v.commitment_weight,
                                  step >= v.warmup_steps, cfg.asr.inter_ctc_weight,
                                  cfg.asr.engine_adversary_weight,
                                  adversary_ramp(step, cfg.train.steps), cfg.asr.dropout,
-                                 jax.random.fold_in(jax.random.fold_in(base_key, step), 1))
+                                 jax.random.fold_in(step_key, 1), mel_keep_B)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
     new_vq, stats = vq_lib.ema_update(
         vq_state["vq"], aux["h"], aux["codes"], batch["valid"], decay=v.ema_decay,
-        restart_after=v.restart_after, key=jax.random.fold_in(base_key, step))
+        restart_after=v.restart_after, key=step_key)
     metrics = {"loss": loss, "loss_ctc": aux["loss_ctc"], "loss_commit": aux["loss_commit"],
                "loss_inter_ctc": aux["loss_inter_ctc"], "loss_engine": aux["loss_engine"],
                "engine_accuracy": aux["engine_accuracy"], "loss_confusion": aux["loss_confusion"],
