@@ -408,8 +408,9 @@ def test_evaluate_per_engine_and_condition(trained, tmp_path, env):
                  "--no-default-text", "--train", "4", "--test", "2", "--dev", "1",
                  "--heldout-variants", "4", "--engines", ",".join(names),
                  "--heldout-engine", names[-1]], env)
-  out, _ = run(["evaluate", "--workdir", str(trained), "--corpus", str(corpus),
-                 "--out", str(tmp_path / "eval.json")], env)
+  out, err = run(["evaluate", "--workdir", str(trained), "--corpus", str(corpus),
+                   "--out", str(tmp_path / "eval.json"),
+                   "--transcripts", str(tmp_path / "hyps" / "t.jsonl")], env)
   result = json.loads((tmp_path / "eval.json").read_text())
   cells = {(r["split"], r["engine"], r["condition"]): r for r in result["cells"]}
   want = {("test", e) for e in names[:-1]} | {("test_engine", names[-1])}
@@ -423,6 +424,20 @@ def test_evaluate_per_engine_and_condition(trained, tmp_path, env):
   clean = cells[("test", "espeak", "clean")]
   assert clean["wer"] == pytest.approx(wer_lib.wer(refs, hyps))
   assert clean["cer"] == pytest.approx(wer_lib.cer(refs, hyps))
+  # --transcripts: a row per utterance and condition, whose edits add up to the cell's scores
+  rows = [json.loads(line) for line in (tmp_path / "hyps" / "t.jsonl").read_text().splitlines()]
+  assert f"{len(rows)} transcripts" in err and "transcripts" not in result
+  assert len(rows) == sum(c["utterances"] for c in result["cells"])
+  mine = [r for r in rows if (r["split"], r["engine"], r["condition"]) == ("test", "espeak",
+                                                                           "clean")]
+  assert [(r["id"], r["ref"], r["hyp"]) for r in mine] == [(u.id, u.text, h)
+                                                           for u, h in zip(utts, hyps)]
+  assert sum(r["word_edits"] for r in mine) / sum(r["words"] for r in mine) == pytest.approx(
+      clean["wer"])
+  assert sum(r["char_edits"] for r in mine) / sum(r["chars"] for r in mine) == pytest.approx(
+      clean["cer"])
+  greedy_mine = [r["greedy"] for r in mine]
+  assert wer_lib.wer(refs, greedy_mine) == pytest.approx(clean["wer_greedy"])
   assert 0 < clean["code_usage"] <= 1
   pairs = result["agreement"]["across_engines"]
   assert len(pairs) == len(names) * (len(names) - 1) // 2

@@ -158,7 +158,14 @@ def cmd_evaluate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
                     "ASR head, so WER cannot be measured")
   result = robust_eval.evaluate(tok, source, splits=splits, conditions=conditions,
                                 limit=args.limit, seed=args.seed,
+                                transcripts=bool(args.transcripts),
                                 log=lambda line: print(line, file=sys.stderr))
+  if args.transcripts:
+    rows = result.pop("transcripts")
+    out = pathlib.Path(args.transcripts)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    print(f"evaluate: {len(rows)} transcripts -> {out}", file=sys.stderr)
   result = {"workdir": str(args.workdir), "corpus": str(args.corpus), **result}
   text = json.dumps(result, indent=2) + "\n"
   if args.out:
@@ -414,6 +421,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
   q.add_argument("--batch", type=int, default=16, help="windows per encoder call")
   _beam_arg(q)
   q.add_argument("--out", help="write the full results as JSON here")
+  q.add_argument("--transcripts",
+                 help="write every utterance's reference, transcripts (with the LM and "
+                 "greedy) and word/character edits here, as JSON lines")
   q.set_defaults(func=cmd_evaluate)
 
   q = sub.add_parser(

@@ -86,6 +86,16 @@ class Cell:
             "one_token_per_1280_samples": all(
                 len(c) == -(-n // SAMPLES_PER_TOKEN) for c, n in zip(self.codes, self.samples))}
 
+  def transcripts(self, condition: str) -> list[dict]:
+    """One row per utterance, for error analysis: reference, both transcripts, and the word
+    and character edits behind the cell's WER and CER."""
+    return [{"id": u.id, "split": u.split, "engine": u.engine, "voice": u.voice,
+             "condition": condition, "ref": u.text, "hyp": hyp, "greedy": greedy,
+             "words": len(u.text.split()),
+             "word_edits": wer_lib.edit_distance(u.text.split(), hyp.split()),
+             "chars": len(u.text), "char_edits": wer_lib.edit_distance(list(u.text), list(hyp))}
+            for u, hyp, greedy in zip(self.utts, self.hyps, self.greedy)]
+
 
 def run_cell(tok: SpeechTokenizer, source: ManifestSource, utts: list[Utterance], cond: str,
              seed: int) -> Cell:
@@ -121,11 +131,12 @@ def _by_engine(utts: Sequence[Utterance]) -> dict[str, list[Utterance]]:
 def evaluate(tok: SpeechTokenizer, source: ManifestSource, *,
              splits: Sequence[str] = ("test", "test_engine"),
              conditions: Sequence[str] = CONDITIONS, limit: int = 0, seed: int = 0,
-             long_seconds: float = 60.0, progress: bool = True,
+             long_seconds: float = 60.0, progress: bool = True, transcripts: bool = False,
              log: Callable[[str], None] = print) -> dict:
   """{"cells": [{split, engine, condition, wer, cer, ...}], "agreement": {...}, "long_audio":
   {...}}: long_audio is `long_seconds` of one group's speech (when longer than a window)
-  encoded in windows and in one piece."""
+  encoded in windows and in one piece. `transcripts` adds "transcripts": every utterance's
+  row (Cell.transcripts)."""
   for c in conditions:
     if c not in CONDITIONS:
       raise ValueError(f"unknown condition {c!r}; choose from {', '.join(CONDITIONS)}")
@@ -146,6 +157,9 @@ def evaluate(tok: SpeechTokenizer, source: ManifestSource, *,
   rows = [{"split": s, "engine": e, "condition": c, **cell.scores(k)}
           for (s, e, c), cell in cells.items()]
   result = {"cells": rows, "agreement": agreements(cells, conditions)}
+  if transcripts:
+    result["transcripts"] = [row for (_, _, c), cell in cells.items()
+                             for row in cell.transcripts(c)]
   if long_seconds and groups:  # 30 s windows vs one pass, on the last group's speech
     _, _, utts = groups[-1]
     audio = np.concatenate([source.load(u) for u in utts[:60]])[:int(long_seconds
