@@ -438,6 +438,10 @@ def test_evaluate_per_engine_and_condition(trained, tmp_path, env):
       clean["cer"])
   greedy_mine = [r["greedy"] for r in mine]
   assert wer_lib.wer(refs, greedy_mine) == pytest.approx(clean["wer_greedy"])
+  _, err = run(["evaluate", "--workdir", str(trained), "--corpus", str(corpus),
+                 "--transcripts", str(tmp_path / "hyps")], env, code=1)
+  assert err.strip().splitlines() == [f"sptlm tokenizer: error: --transcripts {tmp_path / 'hyps'} "
+                                      "is a directory; give a file name"], err
   assert 0 < clean["code_usage"] <= 1
   pairs = result["agreement"]["across_engines"]
   assert len(pairs) == len(names) * (len(names) - 1) // 2

@@ -152,6 +152,9 @@ def cmd_evaluate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     raise InputError(f"--conditions: unknown {', '.join(bad)}; choose from "
                      f"{','.join(robust_eval.CONDITIONS)}")
   source = manifest.ManifestSource(paths.resolve(args.corpus))
+  for flag, path in (("--out", args.out), ("--transcripts", args.transcripts)):
+    if path and pathlib.Path(path).is_dir():  # found now, not after minutes of evaluation
+      raise InputError(f"{flag} {path} is a directory; give a file name")
   tok = _load(args)
   if not getattr(tok, "can_transcribe", True):
     raise UserError(f"--workdir {args.workdir} is an imported WhisperVQ tokenizer: it has no "
@@ -160,18 +163,18 @@ def cmd_evaluate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
                                 limit=args.limit, seed=args.seed,
                                 transcripts=bool(args.transcripts),
                                 log=lambda line: print(line, file=sys.stderr))
-  if args.transcripts:
-    rows = result.pop("transcripts")
-    out = pathlib.Path(args.transcripts)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    print(f"evaluate: {len(rows)} transcripts -> {out}", file=sys.stderr)
+  rows = result.pop("transcripts", [])
   result = {"workdir": str(args.workdir), "corpus": str(args.corpus), **result}
   text = json.dumps(result, indent=2) + "\n"
   if args.out:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
+  if args.transcripts:
+    out = pathlib.Path(args.transcripts)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    print(f"evaluate: {len(rows)} transcripts -> {out}", file=sys.stderr)
   print(robust_eval.table(result))
   return 0
 
