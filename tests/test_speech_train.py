@@ -442,6 +442,12 @@ def test_evaluate_per_engine_and_condition(trained, tmp_path, env):
                  "--transcripts", str(tmp_path / "hyps")], env, code=1)
   assert err.strip().splitlines() == [f"sptlm tokenizer: error: --transcripts {tmp_path / 'hyps'} "
                                       "is a directory; give a file name"], err
+  blocked = tmp_path / "hyps" / "t.jsonl" / "deeper" / "u.json"  # a parent that is a file
+  _, err = run(["evaluate", "--workdir", str(trained), "--corpus", str(corpus),
+                 "--out", str(blocked)], env, code=1)
+  assert err.strip().splitlines() == [f"sptlm tokenizer: error: --out {blocked}: "
+                                      f"{tmp_path / 'hyps' / 't.jsonl'} is a file, not a "
+                                      "directory; give another path"], err
   assert 0 < clean["code_usage"] <= 1
   pairs = result["agreement"]["across_engines"]
   assert len(pairs) == len(names) * (len(names) - 1) // 2

@@ -142,6 +142,17 @@ def cmd_encode(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   return batch_io.finish(out, len(todo), "encode")
 
 
+def _check_output_file(flag: str, path: pathlib.Path) -> None:
+  """One line for an output path that can never be written, before any work is done."""
+  if path.is_dir():
+    raise InputError(f"{flag} {path} is a directory; give a file name")
+  parent = path.parent
+  while not parent.exists() and parent != parent.parent:
+    parent = parent.parent
+  if parent.exists() and not parent.is_dir():
+    raise InputError(f"{flag} {path}: {parent} is a file, not a directory; give another path")
+
+
 def cmd_evaluate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   _no_overrides(overrides, "evaluate")
   from sptlm.speech import manifest, robust_eval
@@ -153,8 +164,8 @@ def cmd_evaluate(args: argparse.Namespace, overrides: Sequence[str]) -> int:
                      f"{','.join(robust_eval.CONDITIONS)}")
   source = manifest.ManifestSource(paths.resolve(args.corpus))
   for flag, path in (("--out", args.out), ("--transcripts", args.transcripts)):
-    if path and pathlib.Path(path).is_dir():  # found now, not after minutes of evaluation
-      raise InputError(f"{flag} {path} is a directory; give a file name")
+    if path:  # found now, not after minutes of evaluation
+      _check_output_file(flag, pathlib.Path(path))
   tok = _load(args)
   if not getattr(tok, "can_transcribe", True):
     raise UserError(f"--workdir {args.workdir} is an imported WhisperVQ tokenizer: it has no "
