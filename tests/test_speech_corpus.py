@@ -144,3 +144,25 @@ def test_user_manifests_jsonl_and_tsv(tmp_path):
   except ImportError:
     with pytest.raises(ValueError, match="tensorflow-datasets"):
       manifest_lib.open_source("tfds:librispeech", cache_dir=tmp_path, splits=["train"])
+
+
+def test_a_larger_corpus_reuses_the_clips_of_a_smaller_one(text, tmp_path, monkeypatch):
+  kwargs = dict(texts=[text], num_test=3, num_dev=2, heldout_variants=5, workers=1,
+                progress=False, seed=7)
+  small = tmp_path / "small"
+  corpus.build_corpus(small, num_train=3, **kwargs)
+  (small / "wav" / "train-000000.wav").write_bytes(b"RIFF broken")  # damaged: rendered again
+  real, rendered, logged = corpus.render, [], []
+  monkeypatch.setattr(corpus, "render", lambda *a: rendered.append(a[0].id) or real(*a))
+  got = corpus.build_corpus(tmp_path / "big", num_train=5, reuse=small, **kwargs,
+                            log=logged.append)
+  assert sorted(rendered) == ["train-000000", "train-000003", "train-000004"]
+  assert logged == [f"build-corpus: reused 10 of 13 clips from {small}"]
+  monkeypatch.setattr(corpus, "render", real)
+  fresh = corpus.build_corpus(tmp_path / "fresh", num_train=5, **kwargs)
+  assert got == fresh  # the same corpus as one rendered whole
+  assert (tmp_path / "big" / "manifest.jsonl").read_text() == \
+      (tmp_path / "fresh" / "manifest.jsonl").read_text()
+  assert _digest(tmp_path / "big") == _digest(tmp_path / "fresh")
+  with pytest.raises(FileNotFoundError, match="--reuse .*no manifest.jsonl"):
+    corpus.build_corpus(tmp_path / "other", num_train=5, reuse=tmp_path / "nope", **kwargs)

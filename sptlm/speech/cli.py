@@ -52,7 +52,7 @@ def cmd_build_corpus(args: argparse.Namespace, overrides: Sequence[str]) -> int:
                              num_test=args.test, num_dev=args.dev,
                              heldout_variants=args.heldout_variants,
                              workers=args.workers, engines=engines,
-                             heldout_engine=args.heldout_engine,
+                             heldout_engine=args.heldout_engine, reuse=args.reuse,
                              log=lambda line: print(line, file=sys.stderr))
   print(json.dumps({"out": str(args.out), "counts": meta["counts"],
                     "hours": meta.get("hours"), "heldout_voices": len(meta["heldout_voices"]),
@@ -358,6 +358,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                  help="an engine of --engines never heard in training: it says only the "
                  "held-out sentences, as split test_engine")
   q.add_argument("--seed", type=int, default=0)
+  q.add_argument("--reuse", type=pathlib.Path, default=None,
+                 help="a finished corpus (e.g. the same seed with fewer --train) whose clips "
+                 "with the same plan are linked in instead of rendered again")
   q.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                  help="parallel synthesis jobs (default: CPU count)")
   q.set_defaults(func=cmd_build_corpus)

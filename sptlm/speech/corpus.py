@@ -296,10 +296,12 @@ def build_corpus(out: str | pathlib.Path, *, texts: Sequence[str | pathlib.Path]
                  seed: int = 0, num_train: int = 4000, num_test: int = 200, num_dev: int = 0,
                  heldout_variants: int = 8, workers: int = 2, progress: bool = True,
                  engines: Sequence[str] = ("espeak",), heldout_engine: str = "",
-                 log=print) -> dict:
+                 reuse: str | pathlib.Path | None = None, log=print) -> dict:
   """Renders a corpus into `out`; returns its corpus.json. A finished identical build is kept.
   With engines other than espeak-ng, each clip's engine and voice go in the manifest; an engine
-  that is not installed is skipped with one line."""
+  that is not installed is skipped with one line. `reuse`: a finished corpus whose clips with
+  the very same plan (the same seed with fewer --train sentences, say) are linked in, not
+  rendered again."""
   from sptlm.speech import engines as engines_lib
   out = pathlib.Path(out)
   sources = [pathlib.Path(t) for t in texts] or default_texts()
@@ -344,6 +346,9 @@ def build_corpus(out: str | pathlib.Path, *, texts: Sequence[str | pathlib.Path]
     raise InputError(f"{out} holds a different corpus (fingerprint {old.get('fingerprint')} != "
                      f"{fingerprint}); choose another --out or delete it")
   seconds = _resume(out, fingerprint, plans, log)
+  if reuse is not None:
+    seconds.update(_reuse(pathlib.Path(reuse), out, [p for p in plans if p.id not in seconds],
+                          log))
   renderers = {e: engines_lib.get(e) for e in voice_lists}
   failed: dict[str, str] = {}
   todo = [p for p in plans if p.id not in seconds]
@@ -391,6 +396,48 @@ def build_corpus(out: str | pathlib.Path, *, texts: Sequence[str | pathlib.Path]
   meta_path.write_text(json.dumps(meta, indent=2) + "\n")
   (out / BUILDING).unlink(missing_ok=True)
   return json.loads(meta_path.read_text())
+
+
+def _reuse(src: pathlib.Path, out: pathlib.Path, plans: Sequence[Plan], log
+           ) -> dict[str, float]:
+  """{clip id: seconds} of the clips of the finished corpus `src` whose plan row equals one of
+  `plans` (every field, so the audio is what rendering would give), hard-linked (or copied
+  across file systems) into `out`; a clip that cannot be read there is left to render."""
+  manifest = src / "manifest.jsonl"
+  if not manifest.is_file():
+    raise MissingFileError(f"--reuse {src}: no manifest.jsonl there (not a finished "
+                           "build-corpus output)")
+  if src.resolve() == out.resolve():
+    raise InputError(f"--reuse {src} is --out itself; an interrupted build goes on without it")
+  rows = {}
+  for line in manifest.read_text().splitlines():
+    try:
+      row = json.loads(line)
+      rows[row["id"]] = row
+    except (ValueError, KeyError, TypeError):
+      continue  # not a row of ours: nothing to reuse from it
+  fields = ("sentence", "split", "engine", "voice", "rate", "pitch", "amplitude")
+  done = {}
+  for p in plans:
+    row = rows.get(p.id)
+    if row is None or any(row.get(f) != getattr(p, f) for f in fields):
+      continue
+    wav, part = out / "wav" / f"{p.id}.wav", out / "wav" / f"{p.id}.wav.part"
+    try:
+      rate, pcm = scipy.io.wavfile.read(src / row["audio"], mmap=True)
+      if rate != SAMPLE_RATE:
+        continue
+      part.unlink(missing_ok=True)
+      try:
+        os.link(src / row["audio"], part)
+      except OSError:
+        shutil.copyfile(src / row["audio"], part)
+      os.replace(part, wav)
+    except (ValueError, OSError, EOFError):
+      continue  # unreadable there: rendered again
+    done[p.id] = len(pcm) / rate
+  log(f"build-corpus: reused {len(done)} of {len(plans)} clips from {src}")
+  return done
 
 
 def _resume(out: pathlib.Path, fingerprint: str, plans: Sequence[Plan], log) -> dict[str, float]:
