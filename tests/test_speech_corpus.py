@@ -166,3 +166,4 @@ def test_a_larger_corpus_reuses_the_clips_of_a_smaller_one(text, tmp_path, monke
   assert _digest(tmp_path / "big") == _digest(tmp_path / "fresh")
   with pytest.raises(FileNotFoundError, match="--reuse .*no manifest.jsonl"):
     corpus.build_corpus(tmp_path / "other", num_train=5, reuse=tmp_path / "nope", **kwargs)
+  assert not (tmp_path / "other").exists()  # refused before anything was written

@@ -308,6 +308,8 @@ def build_corpus(out: str | pathlib.Path, *, texts: Sequence[str | pathlib.Path]
   for src in sources:
     if not src.is_file():
       raise MissingFileError(f"text source not found: {src}")
+  if reuse is not None:
+    _check_reuse(pathlib.Path(reuse), out)
   if heldout_engine and heldout_engine not in engines:
     raise InputError(f"--heldout-engine {heldout_engine} is not one of --engines "
                      f"{','.join(engines)}")
@@ -398,17 +400,21 @@ def build_corpus(out: str | pathlib.Path, *, texts: Sequence[str | pathlib.Path]
   return json.loads(meta_path.read_text())
 
 
+def _check_reuse(src: pathlib.Path, out: pathlib.Path) -> None:
+  """Refuses a --reuse that is not a finished corpus, before `out` is touched."""
+  if not (src / "manifest.jsonl").is_file():
+    raise MissingFileError(f"--reuse {src}: no manifest.jsonl there (not a finished "
+                           "build-corpus output)")
+  if src.resolve() == out.resolve():
+    raise InputError(f"--reuse {src} is --out itself; an interrupted build goes on without it")
+
+
 def _reuse(src: pathlib.Path, out: pathlib.Path, plans: Sequence[Plan], log
            ) -> dict[str, float]:
   """{clip id: seconds} of the clips of the finished corpus `src` whose plan row equals one of
   `plans` (every field, so the audio is what rendering would give), hard-linked (or copied
   across file systems) into `out`; a clip that cannot be read there is left to render."""
   manifest = src / "manifest.jsonl"
-  if not manifest.is_file():
-    raise MissingFileError(f"--reuse {src}: no manifest.jsonl there (not a finished "
-                           "build-corpus output)")
-  if src.resolve() == out.resolve():
-    raise InputError(f"--reuse {src} is --out itself; an interrupted build goes on without it")
   rows = {}
   for line in manifest.read_text().splitlines():
     try:
