@@ -1,10 +1,12 @@
 """data.cache_features: a slow front end's features (moonshine_tiny) kept per clip on disk, and
 the batches read back from it equal to the batches computed directly (moonshine_tiny_mel too,
-from the same files)."""
+from the same files), and `sptlm tokenizer train` with it gives the losses of a run without."""
 
 import json
 import logging
 import pathlib
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -17,7 +19,9 @@ from sptlm.speech.augment import AugmentConfig
 from sptlm.speech.feature_cache import FeatureCache
 from sptlm.speech.manifest import ManifestSource
 
-from test_speech_embedding import _speechlike  # noqa: E402  (tests/ is on sys.path)
+from speech_cli_helpers import ROOT, TINY, metrics, run  # noqa: E402  (tests/ is on sys.path)
+from speech_cli_helpers import corpus_dir, env  # noqa: E402,F401  (fixtures)
+from test_speech_embedding import _speechlike  # noqa: E402
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("moonshine_voice")
@@ -143,3 +147,26 @@ def test_the_switch_defaults_on_and_older_configs_load_with_it():
                         "speech_tokenizer_robust_moonshine.py",
                         ["--config.data.cache_features=False"])
   assert not off.data.cache_features
+
+
+def test_moonshine_features_from_the_cache_train_exactly_as_computed(corpus_dir, env, tmp_path):
+  """data.cache_features through `sptlm tokenizer train`: the first epoch writes each clip's
+  Moonshine features, later epochs read them back, and the losses equal a run without it."""
+  if shutil.which("espeak-ng") is None:
+    pytest.skip("espeak-ng is not installed (scripts/setup.sh)")
+  args = ["train", "--config", str(ROOT / "configs" / "speech_tokenizer_robust_moonshine.py"),
+          f"--config.data.corpus={corpus_dir}", "--config.train.steps=4", *TINY,
+          "--config.asr.lm_order=0", "--config.data.tune_split=", "--config.model.num_mels=288"]
+  _, err = run([*args, "--workdir", str(tmp_path / "cached"),
+                 f"--config.data.cache_dir={tmp_path / 'cache'}"], env)
+  files = list((tmp_path / "cache" / "features").rglob("*.npy"))
+  assert len(files) == 8  # the 8 training clips, one batch an epoch
+  read_back = re.search(r"feature cache: (\d+) clips read back, (\d+) featurized", err)
+  # (two loader threads may both featurize a clip at an epoch's edge)
+  assert read_back and int(read_back[1]) >= 8 and int(read_back[2]) >= 8, err[-2000:]
+  run([*args, "--workdir", str(tmp_path / "direct"), "--config.data.cache_features=False"],
+       env)
+  assert not (tmp_path / "direct" / "cache" / "features").exists()
+  cached, direct = metrics(tmp_path / "cached"), metrics(tmp_path / "direct")
+  assert [r["step"] for r in cached] == [1, 2, 3, 4]
+  assert [r["loss"] for r in cached] == [r["loss"] for r in direct]

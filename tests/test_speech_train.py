@@ -3,7 +3,6 @@ falls, an interrupted run resumes with identical losses, and batch jobs survive 
 
 import json
 import pathlib
-import re
 import shutil
 import signal
 import subprocess
@@ -477,26 +476,3 @@ def test_evaluate_per_engine_and_condition(trained, tmp_path, env):
   audio = [source.load(u) for u in utts]
   for a, b in zip(SpeechTokenizer.load(str(old)).encode(audio), tok.encode(audio)):
     np.testing.assert_array_equal(a, b)
-
-
-def test_moonshine_features_from_the_cache_train_exactly_as_computed(corpus_dir, env, tmp_path):
-  """data.cache_features through `sptlm tokenizer train`: the first epoch writes each clip's
-  Moonshine features, later epochs read them back, and the losses equal a run without it."""
-  pytest.importorskip("onnxruntime")
-  pytest.importorskip("moonshine_voice")
-  args = ["train", "--config", str(ROOT / "configs" / "speech_tokenizer_robust_moonshine.py"),
-          f"--config.data.corpus={corpus_dir}", "--config.train.steps=4", *TINY,
-          "--config.asr.lm_order=0", "--config.data.tune_split=", "--config.model.num_mels=288"]
-  _, err = run([*args, "--workdir", str(tmp_path / "cached"),
-                 f"--config.data.cache_dir={tmp_path / 'cache'}"], env)
-  files = list((tmp_path / "cache" / "features").rglob("*.npy"))
-  assert len(files) == 8  # the 8 training clips, one batch an epoch
-  read_back = re.search(r"feature cache: (\d+) clips read back, (\d+) featurized", err)
-  # (two loader threads may both featurize a clip at an epoch's edge)
-  assert read_back and int(read_back[1]) >= 8 and int(read_back[2]) >= 8, err[-2000:]
-  run([*args, "--workdir", str(tmp_path / "direct"), "--config.data.cache_features=False"],
-       env)
-  assert not (tmp_path / "direct" / "cache" / "features").exists()
-  cached, direct = metrics(tmp_path / "cached"), metrics(tmp_path / "direct")
-  assert [r["step"] for r in cached] == [1, 2, 3, 4]
-  assert [r["loss"] for r in cached] == [r["loss"] for r in direct]
