@@ -2,8 +2,9 @@
 # Issue 16's benchmark: the tokenizer trained on four TTS engines with augmentation, scored per
 # engine and condition, with Piper's neural voice held out of training (BENCHMARKS.md,
 # "Speech tokenizer across engines"). Each step prints its wall time; the evaluate steps write
-# runs/speech_robust/evaluate.json and, for the espeak-only tokenizer of benchmarks/
-# speech_tokenizer.py when runs/speech_tiny exists, runs/speech_tiny/evaluate_engines.json.
+# runs/speech_robust/evaluate.json (and wer_slices.md: WER by text source and voice) and, for
+# the espeak-only tokenizer of benchmarks/speech_tokenizer.py when runs/speech_tiny exists,
+# runs/speech_tiny/evaluate_engines.json.
 # The small model: CONFIG=configs/speech_tokenizer_small.py WORKDIR=runs/speech_small $0
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,10 @@ time "${SPTLM[@]}" fetch-lm-text --source wordnet --out runs/lm_text/wordnet
 time "${SPTLM[@]}" train --config "$CONFIG" --workdir "$WORKDIR" \
   --config.data.corpus="$CORPUS" "--config.asr.lm_text=('runs/lm_text/shakespeare','runs/lm_text/wordnet')" "$@"
 time "${SPTLM[@]}" evaluate --workdir "$WORKDIR" --corpus "$CORPUS" \
-  --splits test,test_engine,test_voices --out "$WORKDIR/evaluate.json"
+  --splits test,test_engine,test_voices --out "$WORKDIR/evaluate.json" \
+  --transcripts "$WORKDIR/transcripts.jsonl"
+.venv/bin/python benchmarks/wer_slices.py --transcripts "$WORKDIR/transcripts.jsonl" \
+  --corpus "$CORPUS" --by source,voice > "$WORKDIR/wer_slices.md"
 if [ -d runs/speech_tiny ]; then
   time "${SPTLM[@]}" evaluate --workdir runs/speech_tiny --corpus "$CORPUS" \
     --splits test,test_engine,test_voices --out runs/speech_tiny/evaluate_engines.json
