@@ -44,10 +44,12 @@ def _corpus(root: pathlib.Path, clips: int = 6) -> tuple[ManifestSource, input_l
   return source, input_lib.Prepared(utts, np.asarray(tokens), labels, 0, 0)
 
 
-def _batches(source, data, cache, steps, frontend=FRONTEND, num_mels=DIM):
+def _batches(source, data, cache, steps, frontend=FRONTEND, num_mels=DIM,
+             augment=AugmentConfig()):
   shapes = input_lib.bucket_shapes((2.0,), 4.0, 1)  # 2 clips a batch: 3 batches an epoch
   it = input_lib.train_iterator(source, data, shapes, steps=steps, seed=3, num_mels=num_mels,
-                                ctc_upsample=4, frontend=frontend, cache=cache)
+                                ctc_upsample=4, frontend=frontend, cache=cache,
+                                augment=augment)
   return [next(it) for _ in range(steps)]
 
 
@@ -86,6 +88,48 @@ def test_the_hybrid_front_end_reads_moonshines_cache_and_adds_the_log_mel(tmp_pa
   cache = FeatureCache(tmp_path / "features", *feature_cache.CACHED["moonshine_tiny_mel"])
   _assert_equal(_batches(source, data, cache, 4, **hybrid), direct)
   assert cache.misses == 0 and cache.hits >= 8
+
+
+def test_mel_only_augmentation_noises_the_log_mel_and_keeps_moonshines_cached_features(tmp_path):
+  source, data = _corpus(tmp_path / "corpus")
+  hybrid = dict(frontend="moonshine_tiny_mel", num_mels=DIM + 128)
+  noisy = AugmentConfig(enabled=True, mel_only=True, speed_prob=0.0, noise_prob=1.0)
+  clean = _batches(source, data, None, 4, **hybrid)
+  uncached = _batches(source, data, None, 4, **hybrid, augment=noisy)
+  cache = FeatureCache(tmp_path / "features", *feature_cache.CACHED["moonshine_tiny_mel"])
+  cached = _batches(source, data, cache, 4, **hybrid, augment=noisy)
+  _assert_equal(cached, uncached)  # the cache changes nothing, and the draws are the seed's
+  assert cache.misses >= 6 and not cache.recomputed
+  for c, a in zip(clean, cached):
+    np.testing.assert_array_equal(a["mel"][..., :DIM], c["mel"][..., :DIM])  # Moonshine: clean
+    for k in ("valid", "labels", "label_paddings"):
+      np.testing.assert_array_equal(a[k], c[k], err_msg=k)
+    frames = np.repeat(c["valid"], 8, axis=1).astype(bool)
+    assert np.abs(a["mel"][..., DIM:] - c["mel"][..., DIM:])[frames].mean() > 0.05  # noisy
+  again = FeatureCache(tmp_path / "features", *feature_cache.CACHED["moonshine_tiny_mel"])
+  _assert_equal(_batches(source, data, again, 4, **hybrid, augment=noisy), cached)
+  assert again.misses == 0
+
+
+def test_mel_only_augmentation_refuses_what_it_cannot_keep_aligned(tmp_path):
+  source, data = _corpus(tmp_path / "corpus", clips=2)
+  shapes = input_lib.bucket_shapes((2.0,), 4.0, 1)
+  for frontend, augment, match in [
+      ("moonshine_tiny_mel", AugmentConfig(enabled=True, mel_only=True), "speed_prob=0"),
+      (FRONTEND, AugmentConfig(enabled=True, mel_only=True, speed_prob=0.0), "moonshine_tiny_mel")]:
+    with pytest.raises(ValueError, match=match):
+      input_lib.train_iterator(source, data, shapes, steps=1, seed=0, num_mels=DIM + 128,
+                               frontend=frontend, augment=augment)
+  for overrides, match in [
+      (["--config.data.augment.enabled=True", "--config.data.augment.mel_only=True"],
+       "moonshine_tiny_mel"),
+      (["--config.model.frontend=moonshine_tiny_mel", "--config.model.num_mels=416",
+        "--config.data.augment.enabled=True", "--config.data.augment.mel_only=True",
+        "--config.data.augment.warp_prob=0", "--config.data.augment.eq_prob=0",
+        "--config.data.augment.freq_masks=0", "--config.data.augment.time_masks=0"],
+       "speed_prob=0")]:
+    with pytest.raises(config_lib.ConfigError, match=match):
+      config_lib.load(ROOT / "configs" / "speech_tokenizer_robust_moonshine.py", overrides)
 
 
 def test_a_corrupt_or_misshapen_file_is_featurized_again(tmp_path):

@@ -38,6 +38,11 @@ class AugmentConfig:
   uniformly from its [min, max] range; nothing happens unless `enabled`."""
 
   enabled: bool = False
+  # moonshine_tiny_mel only: the chain reaches the log-mel stem's audio alone; Moonshine's
+  # features stay the clean audio's, so they still come from the feature cache. The mel stem
+  # learns to read noisy audio, the cached stem is as fast as without augmentation. Effects
+  # that change the length (speed, voice) must be off: both stems share one time axis.
+  mel_only: bool = False
   speed_prob: float = 0.5
   speed_min: float = 0.9  # < 1: slower and longer (and lower pitched), as sox `speed`
   speed_max: float = 1.1

@@ -311,6 +311,14 @@ def validate(c: SpeechTokenizerConfig) -> None:
                       f"act on Whisper's 128-bin log-mel, not model.frontend="
                       f"{c.model.frontend!r}'s features: set data.augment.warp_prob=0, "
                       "eq_prob=0, freq_masks=0 and time_masks=0")
+  if d.augment.enabled and d.augment.mel_only:
+    if c.model.frontend != "moonshine_tiny_mel":
+      raise ConfigError(f"data.augment.mel_only needs model.frontend='moonshine_tiny_mel' (the "
+                        f"log-mel beside Moonshine's features), not {c.model.frontend!r}")
+    if d.augment.speed_prob > 0 or d.augment.voice_prob > 0:
+      raise ConfigError("data.augment.mel_only keeps Moonshine's features of the clean audio, "
+                        "so the audio must keep its length: set data.augment.speed_prob=0 and "
+                        "data.augment.voice_prob=0")
   if t.microbatches != 1:
     raise ConfigError(f"train.microbatches={t.microbatches}: the speech tokenizer batches by "
                       "length buckets; lower data.batch_seconds instead")

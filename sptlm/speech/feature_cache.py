@@ -43,6 +43,14 @@ def bytes_per_second(num_mels: int) -> int:
   return 4 * num_mels * features.SAMPLE_RATE // features.HOP
 
 
+def clip_features(samples: np.ndarray, frontend: str, num_mels: int) -> np.ndarray:
+  """[8 * tokens, num_mels] features of one clip, padded to whole tokens: what the cache keeps."""
+  tokens = -(-len(samples) // features.SAMPLES_PER_TOKEN)
+  padded = np.zeros((1, tokens * features.SAMPLES_PER_TOKEN), np.float32)
+  padded[0, :len(samples)] = samples
+  return features.featurize(padded, num_mels, frontend, np.asarray([len(samples)]))[0]
+
+
 class FeatureCache:
   """Features of whole clips by audio file; thread-safe (grain's loader threads share one)."""
 
@@ -75,10 +83,7 @@ class FeatureCache:
       except (OSError, ValueError, EOFError):
         pass
       stale = True
-    padded = np.zeros((1, tokens * features.SAMPLES_PER_TOKEN), np.float32)
-    padded[0, :len(samples)] = samples
-    feats = features.featurize(padded, self.num_mels, self.frontend,
-                               np.asarray([len(samples)]))[0]
+    feats = clip_features(samples, self.frontend, self.num_mels)
     with self._lock:
       self.misses += 1
       self.recomputed += stale

@@ -28,7 +28,7 @@ import scipy.io.wavfile
 
 from sptlm.errors import InputError
 from sptlm.speech import augment as augment_lib
-from sptlm.speech import features, voice_change
+from sptlm.speech import feature_cache, features, voice_change
 from sptlm.speech.augment import AugmentConfig
 from sptlm.speech.engines import ADVERSARY_ENGINES
 from sptlm.speech.feature_cache import FeatureCache
@@ -164,7 +164,7 @@ class _AugmentingLoader:
     bucket, members = entry
     b, n = base.shapes[bucket]
     rows = members[base.pi * b // base.pc:(base.pi + 1) * b // base.pc]
-    audios = []
+    audios, clean = [], []
     for i in rows:
       min_tokens = -(-ctc_frames_needed(base.data.labels[i]) // base.up)
       bounds = dict(min_samples=(min_tokens - 1) * features.SAMPLES_PER_TOKEN + 1,
@@ -173,11 +173,15 @@ class _AugmentingLoader:
       if self.augment.voice_prob:
         x = voice_change.random_voice(
             x, self.augment, np.random.default_rng([self.seed, VOICE_STREAM, index, i]), **bounds)
+      if self.augment.mel_only:  # Moonshine's part from the clean audio, cached or not
+        clean.append(feature_cache.clip_features(x, *feature_cache.CACHED[base.frontend])
+                     if base.cache is None else
+                     base.cache.get(base.source.path(base.data.utts[i]), x))
       rng = np.random.default_rng([self.seed, AUGMENT_STREAM, index, i])
       audios.append(augment_lib.augment(x, self.augment, rng, **bounds))
     batch = make_batch(audios, [base.data.labels[i] for i in rows], n, base.num_mels,
                        n * base.up, [engine_class(base.data.utts[i].engine) for i in rows],
-                       base.frontend)
+                       base.frontend, clean or None)
     if augment_lib.features_enabled(self.augment):
       for r, (i, x) in enumerate(zip(rows, audios)):
         rng = np.random.default_rng([self.seed, FEATURE_STREAM, index, i])
@@ -227,9 +231,17 @@ def train_iterator(source: ManifestSource, data: Prepared, shapes: list[tuple[in
                    cache: FeatureCache | None = None) -> grain.DatasetIterator:
   """A checkpointable iterator over `steps` (or more) batches; `augment` (data.augment, the
   training split only) is off by default; `cache` keeps each clip's features (only without
-  augmentation: augmented audio differs every time)."""
-  if cache is not None and augment.enabled:
-    raise ValueError("a feature cache needs the same audio every epoch: data.augment is on")
+  augmentation, whose audio differs every time, or with `augment.mel_only`: the cached part is
+  the clean audio's, the log-mel the augmented audio's)."""
+  if cache is not None and augment.enabled and not augment.mel_only:
+    raise ValueError("a feature cache needs the same audio every epoch: data.augment is on "
+                     "(data.augment.mel_only keeps the cached features clean)")
+  if augment.enabled and augment.mel_only and frontend != "moonshine_tiny_mel":
+    raise ValueError(f"data.augment.mel_only needs the moonshine_tiny_mel front end, not "
+                     f"{frontend!r}")
+  if augment.enabled and augment.mel_only and (augment.speed_prob or augment.voice_prob):
+    raise ValueError("data.augment.mel_only needs audio that keeps its length: set "
+                     "speed_prob=0 and voice_prob=0")
   per_epoch = len(plan_batches(data.tokens, shapes, seed=seed, epochs=1))
   if per_epoch == 0:
     raise InputError(f"{len(data.utts)} utterances do not fill one batch of any bucket; lower "

@@ -80,9 +80,11 @@ def _units(cfg: SpeechTokenizerConfig, source: manifest.ManifestSource,
 def _feature_cache(cfg: SpeechTokenizerConfig, cache: epath.Path, data: input_lib.Prepared
                    ) -> feature_cache.FeatureCache | None:
   """data.cache_features: a slow front end's features kept under CACHE/features, when the
-  training audio is the same every epoch (no augmentation) and CACHE is a local directory."""
+  cached features are the same every epoch (no augmentation, or data.augment.mel_only) and
+  CACHE is a local directory."""
   d, m = cfg.data, cfg.model
-  if not d.cache_features or d.augment.enabled or m.frontend not in feature_cache.CACHED:
+  augmented = d.augment.enabled and not d.augment.mel_only
+  if not d.cache_features or augmented or m.frontend not in feature_cache.CACHED:
     return None
   if "://" in str(cache):
     log.info("feature cache off: %s is not a local directory (set data.cache_dir to one)", cache)
