@@ -4,10 +4,13 @@ with exactly the parameters and per-step losses of an uninterrupted run.
     JAX_PLATFORMS=cpu .venv/bin/python benchmarks/fault_storm.py --kills 8 --kills-in-save 4 --sigterms 6 --seed 0
 
 Faults, in an order drawn from --seed:
-- "kill": SIGKILL a random 0-2 s after the process logged its first new step;
+- "kill": SIGKILL a random 0-2 s after the process logged its first new step (sooner if it
+  reaches its share of the steps: fault k of n by step steps * (k + 1) / (n + 1), so no run
+  finishes while faults remain and every planned fault is injected);
 - "kill_in_save": SIGKILL as soon as an asynchronous checkpoint write is seen in flight (its
   Orbax temporary directory exists);
-- "term": SIGTERM at a random moment (the run saves a checkpoint and exits 0).
+- "term": SIGTERM at a random moment, capped the same way (the run saves a checkpoint and
+  exits 0).
 After the storm the same command runs to the end. Printed (and returned): faults injected,
 how many landed inside a checkpoint write, runs, steps recomputed, and what differs from the
 uninterrupted run: metrics rows, and bytes of the final train state (all must be 0).
@@ -94,7 +97,8 @@ def _saving(workdir: pathlib.Path) -> bool:
 def _final_state(workdir: pathlib.Path, step: int) -> dict[str, np.ndarray]:
   import jax
   import orbax.checkpoint as ocp
-  restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+  path = (workdir / "checkpoints" / str(step) / "state").resolve()  # Orbax wants it absolute
+  restored = ocp.StandardCheckpointer().restore(path)
   return {jax.tree_util.keystr(p): np.asarray(x)
           for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
 
@@ -125,7 +129,9 @@ def run_storm(base: pathlib.Path, *, kills: int, kills_in_save: int, sigterms: i
   rng.shuffle(plan)
   faults = {"kill": 0, "kill_in_save": 0, "term": 0}
   landed_in_save, runs, trained = 0, 0, 0
-  for fault in plan:
+  for k, fault in enumerate(plan):
+    # fault k fires by this step at the latest, so no run reaches the end while faults remain
+    cap = steps * (k + 1) // (len(plan) + 1)
     before = _last_step(storm)
     if before >= steps:
       break
@@ -141,7 +147,7 @@ def run_storm(base: pathlib.Path, *, kills: int, kills_in_save: int, sigterms: i
         time.sleep(0.002)
     else:
       end = time.time() + rng.uniform(0.0, 2.0)
-      while proc.poll() is None and time.time() < end:
+      while proc.poll() is None and time.time() < end and _last_step(storm) < cap:
         time.sleep(0.01)
     if proc.poll() is None:
       in_save = _saving(storm)
