@@ -39,8 +39,8 @@ class AugmentConfig:
 
   enabled: bool = False
   # moonshine_tiny_mel only: the chain reaches the log-mel stem's audio alone; Moonshine's
-  # features stay the clean audio's, so they still come from the feature cache. The mel stem
-  # learns to read noisy audio, the cached stem is as fast as without augmentation. Effects
+  # features stay the clean audio's, so they still come from the feature cache (the slow
+  # encoder is not run again each epoch) while the mel stem learns to read noisy audio. Effects
   # that change the length (speed, voice) must be off: both stems share one time axis.
   mel_only: bool = False
   speed_prob: float = 0.5
